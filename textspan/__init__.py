@@ -1,3 +1,29 @@
-"""textspan: explain the attention heads of CLIP vision transformers in words."""
+"""textspan: explain the attention heads of CLIP vision transformers in words.
+
+Python API (see the README):
+
+    model, preprocess, tokenizer = textspan.load_model("ViT-B-16", "laion2b_s34b_b88k")
+    d = textspan.decompose(model, images)          # d.heads [b, L, N, H, d'], d.mlps [b, L+1, d']
+    d.total()                                      # == encode_image(images) / ||.||
+"""
 
 __version__ = "0.1.0"
+
+from .cache import CacheMismatchError, HeadCache, build_cache  # noqa: E402
+from .datasets import ImageList  # noqa: E402
+from .decomposition import Decomposition, decompose, forward_image  # noqa: E402
+from .models import (  # noqa: E402
+    ModelInfo,
+    UnsupportedModelError,
+    WeightsUnavailableError,
+    check_decomposable,
+    fingerprint,
+    load_model,
+    model_info,
+)
+
+__all__ = [
+    "CacheMismatchError", "Decomposition", "HeadCache", "ImageList", "ModelInfo", "UnsupportedModelError",
+    "WeightsUnavailableError", "build_cache", "check_decomposable", "decompose", "fingerprint", "forward_image",
+    "load_model", "model_info",
+]

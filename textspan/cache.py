@@ -1,0 +1,479 @@
+"""The head cache: per-image decompositions of an image set, streamed to disk, resumable and shardable.
+
+Layout of a cache folder (n = images that decoded; failed files take no row)::
+
+    heads.npy        [n, L, H, d']   token-summed head terms
+    cls_to_cls.npy   [n, L, H, d']   CLS -> CLS attention terms
+    mlps.npy         [n, L+1, d']    embedding term + one per MLP
+    embeddings.npy   [n, d']         e / ||e||
+    images.csv       row, path, label, class_name
+    image_list.txt   the ordered input list (path<TAB>label), for resuming
+    manifest.json    model, pretrained, fingerprint, image_size, dtype, rows_done, failures, ...
+
+Crash safety: every batch is written to the arrays first (plain positioned writes into preallocated .npy files, so
+memory stays bounded), then appended to images.csv, and only then committed by an atomic rewrite of manifest.json
+(`rows_done`, `next_index`). A kill at any moment loses at most the batch in flight; a rerun truncates images.csv to
+the committed rows and continues from `next_index` with the same batch boundaries, so the final arrays equal an
+uninterrupted run's. At the end the arrays are shrunk in place to `rows_done` rows.
+
+Under torchrun, each rank caches a contiguous, batch-aligned range of the list into ``shards/rank{r}-of-{k}`` (the
+same resumable format), and rank 0 concatenates the shards in order; the result equals a one-process run.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .datasets import ImageDataset, ImageList, collate_with_failures
+from .decomposition import decompose
+from .models import fingerprint as model_fingerprint
+from .models import model_info
+
+log = logging.getLogger(__name__)
+
+FORMAT = "textspan-cache/1"
+ARRAYS = ("heads", "cls_to_cls", "mlps", "embeddings")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+# Settings that must agree for a rerun to resume (anything else, e.g. batch size, may change).
+IDENTITY_KEYS = ("model", "pretrained", "fingerprint", "image_size", "dtype", "images_digest", "n_images",
+                 "world_size")
+
+
+class CacheMismatchError(RuntimeError):
+    """The output folder holds a cache made with another model, image list or settings."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# .npy files written row by row
+
+
+class NpyRows:
+    """A preallocated .npy file written by row with positioned writes (no memory map held, so RSS stays flat)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError(f"{path}: fortran-ordered arrays are not supported")
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    @classmethod
+    def create(cls, path: Path, n_rows: int, row_shape: Tuple[int, ...], dtype) -> "NpyRows":
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": (n_rows, *row_shape)}
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.truncate(f.tell() + n_rows * int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+        return cls(path)
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        data = np.ascontiguousarray(values, dtype=self.dtype)
+        if data.shape[1:] != tuple(self.shape[1:]) or row + data.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path}: cannot write {data.shape} at row {row} into {self.shape}")
+        os.pwrite(self._fd, data.tobytes(), self.offset + row * self.row_bytes)
+
+    def shrink(self, n_rows: int) -> None:
+        """Set the row count to `n_rows` in place (header rewritten at the same length, file truncated)."""
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (n_rows, *self.shape[1:])}
+        text = repr(header).encode("latin1")
+        room = self.offset - 10 - 1  # magic(6) + version(2) + length(2), trailing newline
+        if len(text) > room:
+            raise ValueError(f"{self.path}: header does not fit")
+        with open(self.path, "r+b") as f:
+            f.seek(10)
+            f.write(text + b" " * (room - len(text)) + b"\n")
+            f.truncate(self.offset + n_rows * self.row_bytes)
+        self.shape = (n_rows, *self.shape[1:])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# manifest
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+    p = Path(folder) / "manifest.json"
+    if not p.is_file():
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def _describe_mismatch(old: dict, new: dict) -> List[str]:
+    return [f"{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}" for k in IDENTITY_KEYS
+            if old.get(k) != new.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class CacheResult:
+    folder: Path
+    rows: int
+    failures: List[dict]
+    resumed_from: int
+    seconds: float
+
+
+def _write_image_list(path: Path, images: ImageList) -> None:
+    with open(path, "w") as f:
+        for p, y in zip(images.paths, images.labels):
+            f.write(f"{p}\t{y}\n")
+
+
+def _truncate_csv(path: Path, rows: int) -> None:
+    """Keep the header and the first `rows` data lines of images.csv (drops uncommitted rows after a kill)."""
+    if not path.exists():
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(["row", "path", "label", "class_name"])
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    keep = lines[: 1 + rows]
+    with open(path, "wb") as f:
+        f.write(b"\n".join(keep) + b"\n")
+
+
+def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> Optional[dict]:
+    """Return the manifest to resume from (None: fresh start). Refuses a folder made with other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(out)
+    if old is not None and not overwrite:
+        problems = _describe_mismatch(old, settings)
+        if problems:
+            raise CacheMismatchError(
+                f"{out} holds a cache made with other settings ({'; '.join(problems)}). Use another --output or "
+                f"--overwrite to replace it.")
+        return old
+    if old is not None or any((out / f"{a}.npy").exists() for a in ARRAYS):
+        if not overwrite:
+            raise CacheMismatchError(f"{out} holds .npy files but no manifest.json; use --overwrite to replace them")
+    for name in [f"{a}.npy" for a in ARRAYS] + ["images.csv", "image_list.txt", "manifest.json"]:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    return None
+
+
+def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, settings: dict, *, batch_size: int,
+                 num_workers: int, overwrite: bool, quiet: bool, progress_desc: str = "caching") -> CacheResult:
+    """Cache `images` into `out` (one process): fresh, resumed, or a no-op when already complete."""
+    t0 = time.time()
+    info = model_info(model)
+    manifest = _prepare_folder(out, settings, overwrite)
+    np_dtype = DTYPES[settings["dtype"]]
+    shapes = {"heads": (info.n_layers, info.n_heads, info.d_embed),
+              "cls_to_cls": (info.n_layers, info.n_heads, info.d_embed),
+              "mlps": (info.n_layers + 1, info.d_embed), "embeddings": (info.d_embed,)}
+    if manifest is None:
+        manifest = dict(settings, format=FORMAT, textspan_version=__version__, created=_now(), rows_done=0,
+                        next_index=0, failures=[], complete=False, arrays={a: [None, *s] for a, s in shapes.items()})
+        writers = {a: NpyRows.create(out / f"{a}.npy", len(images), s, np_dtype) for a, s in shapes.items()}
+        _write_image_list(out / "image_list.txt", images)
+        _truncate_csv(out / "images.csv", 0)
+        write_json_atomic(out / "manifest.json", manifest)
+    else:
+        if manifest.get("complete"):
+            log.info("%s is already complete (%d rows); nothing to do", out, manifest["rows_done"])
+            return CacheResult(out, manifest["rows_done"], manifest["failures"], manifest["next_index"], 0.0)
+        writers = {a: NpyRows(out / f"{a}.npy") for a in ARRAYS}
+        _truncate_csv(out / "images.csv", manifest["rows_done"])
+        if manifest["next_index"]:
+            log.info("resuming %s at image %d of %d (%d rows done)", out, manifest["next_index"], len(images),
+                     manifest["rows_done"])
+    resumed_from = manifest["next_index"]
+    rows_done = manifest["rows_done"]
+    failures = list(manifest["failures"])
+
+    if manifest["next_index"] < len(images):
+        dataset = ImageDataset(images, preprocess, indices=range(manifest["next_index"], len(images)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             collate_fn=collate_with_failures)
+        device = next(model.parameters()).device
+        bar = tqdm(total=len(images), initial=manifest["next_index"], disable=quiet, desc=progress_desc,
+                   unit="img")
+        with open(out / "images.csv", "a", newline="") as csv_file:
+            rows_csv = csv.writer(csv_file)
+            for indices, batch, bad in loader:
+                n_in_batch = len(indices) + len(bad)
+                if batch is not None:
+                    d = decompose(model, batch.to(device), spatial=False)
+                    values = {"heads": d.heads, "cls_to_cls": d.cls_to_cls, "mlps": d.mlps,
+                              "embeddings": d.embedding}
+                    for a, v in values.items():
+                        writers[a].write(rows_done, v.float().cpu().numpy())
+                    for k, idx in enumerate(indices):
+                        y = images.labels[idx]
+                        rows_csv.writerow([rows_done + k, images.paths[idx], y, images.class_name(y)])
+                    csv_file.flush()
+                    rows_done += len(indices)
+                for idx, err in bad:
+                    log.warning("skipping %s: %s", images.paths[idx], err)
+                    failures.append({"path": images.paths[idx], "error": err})
+                manifest.update(rows_done=rows_done, next_index=manifest["next_index"] + n_in_batch,
+                                failures=failures, updated=_now())
+                write_json_atomic(out / "manifest.json", manifest)
+                bar.update(n_in_batch)
+        bar.close()
+
+    for a, w in writers.items():
+        w.shrink(rows_done)
+        w.close()
+        manifest["arrays"][a][0] = rows_done
+    manifest.update(complete=True, updated=_now())
+    write_json_atomic(out / "manifest.json", manifest)
+    return CacheResult(out, rows_done, failures, resumed_from, time.time() - t0)
+
+
+def cache_settings(model, *, model_name: str, pretrained: Optional[str], images: ImageList, dtype: str,
+                   world_size: int = 1) -> dict:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    info = model_info(model)
+    return dict(model=model_name, pretrained=pretrained, fingerprint=model_fingerprint(model),
+                image_size=list(info.image_size), dtype=dtype, n_layers=info.n_layers, n_heads=info.n_heads,
+                d_embed=info.d_embed, n_tokens=info.n_tokens, images_source=images.source,
+                images_digest=images.digest, n_images=len(images), classes=images.classes, world_size=world_size)
+
+
+def build_cache(model, preprocess: Callable, images: ImageList, output, *, model_name: str,
+                pretrained: Optional[str] = None, batch_size: int = 32, dtype: str = "float32", num_workers: int = 0,
+                overwrite: bool = False, quiet: bool = False) -> CacheResult:
+    """Decompose every image of `images` and stream the results into the cache folder `output`.
+
+    Under ``torchrun`` (WORLD_SIZE > 1, with the process group initialised by `init_distributed`) each rank caches
+    its share into a shard and rank 0 merges them; otherwise the folder is written directly. See the module doc.
+
+    Args:
+        model, preprocess: from `textspan.load_model`.
+        images: the ordered image list.
+        output: the cache folder.
+        model_name, pretrained: recorded in the manifest (and checked on resume).
+        batch_size: images per forward pass (does not change the results beyond float rounding).
+        dtype: "float32" or "float16" storage.
+        num_workers: DataLoader worker processes for image decoding.
+        overwrite: replace a cache made with other settings instead of refusing.
+        quiet: no progress bar.
+    """
+    out = Path(output)
+    world, rank = _world()
+    settings = cache_settings(model, model_name=model_name, pretrained=pretrained, images=images, dtype=dtype,
+                              world_size=world)
+    if world == 1:
+        return _cache_range(model, preprocess, images, out, settings, batch_size=batch_size,
+                            num_workers=num_workers, overwrite=overwrite, quiet=quiet)
+    return _build_distributed(model, preprocess, images, out, settings, batch_size=batch_size,
+                              num_workers=num_workers, overwrite=overwrite, quiet=quiet, world=world, rank=rank)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torch.distributed
+
+
+def _world() -> Tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def init_distributed(device: str) -> Tuple[int, int, str]:
+    """Initialise torch.distributed when launched by torchrun; returns (world_size, rank, device for this rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0, device
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend, timeout=_dt.timedelta(hours=24))
+    rank = torch.distributed.get_rank()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    return world, rank, device
+
+
+def shard_bounds(n_images: int, batch_size: int, world: int, rank: int) -> Tuple[int, int]:
+    """Contiguous, batch-aligned [start, stop) of the image list for `rank`, so shards reuse one-process batches."""
+    n_batches = -(-n_images // batch_size)
+    first = rank * n_batches // world
+    last = (rank + 1) * n_batches // world
+    return min(first * batch_size, n_images), min(last * batch_size, n_images)
+
+
+def _build_distributed(model, preprocess, images, out: Path, settings: dict, *, batch_size, num_workers, overwrite,
+                       quiet, world, rank) -> CacheResult:
+    dist = torch.distributed
+    t0 = time.time()
+    if rank == 0:
+        old = read_manifest(out)
+        if old is not None and (overwrite or _describe_mismatch(old, settings)):
+            _prepare_folder(out, settings, overwrite)  # raises on mismatch unless overwrite
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    final = read_manifest(out)
+    if final is not None and final.get("complete"):
+        return CacheResult(out, final["rows_done"], final["failures"], final["next_index"], 0.0)
+    start, stop = shard_bounds(len(images), batch_size, world, rank)
+    shard_dir = out / "shards" / f"rank{rank}-of-{world}"
+    shard_settings = dict(settings, shard=[start, stop], world_size=world)
+    _cache_range(model, preprocess, images.subset(start, stop), shard_dir, shard_settings, batch_size=batch_size,
+                 num_workers=num_workers, overwrite=False, quiet=quiet or rank != 0,
+                 progress_desc=f"caching (rank 0 of {world})")
+    dist.barrier()
+    if rank == 0:
+        result = merge_shards(out, [out / "shards" / f"rank{r}-of-{world}" for r in range(world)], settings)
+    dist.barrier()
+    m = read_manifest(out)
+    return CacheResult(out, m["rows_done"], m["failures"], 0, time.time() - t0)
+
+
+def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: int = 4096) -> dict:
+    """Concatenate complete shard caches, in order, into `out` (streamed in chunks); returns the manifest."""
+    manifests = [read_manifest(d) for d in shard_dirs]
+    if any(m is None or not m.get("complete") for m in manifests):
+        raise RuntimeError(f"cannot merge: not every shard under {out / 'shards'} is complete")
+    total = sum(m["rows_done"] for m in manifests)
+    first = manifests[0]
+    writers = {}
+    for a in ARRAYS:
+        src = np.load(shard_dirs[0] / f"{a}.npy", mmap_mode="r")
+        writers[a] = NpyRows.create(out / f"{a}.npy", total, src.shape[1:], src.dtype)
+    row = 0
+    failures = []
+    with open(out / "images.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "path", "label", "class_name"])
+        for d, m in zip(shard_dirs, manifests):
+            n = m["rows_done"]
+            for a in ARRAYS:
+                src = np.load(d / f"{a}.npy", mmap_mode="r")
+                for s in range(0, n, chunk_rows):
+                    writers[a].write(row + s, np.asarray(src[s:s + chunk_rows]))
+                del src
+            with open(d / "images.csv", newline="") as g:
+                r = csv.reader(g)
+                next(r)
+                for k, rec in enumerate(r):
+                    w.writerow([row + k] + rec[1:])
+            row += n
+            failures.extend(m["failures"])
+    for wr in writers.values():
+        wr.close()
+    with open(out / "image_list.txt", "w") as f:
+        for d in shard_dirs:
+            f.write((d / "image_list.txt").read_text())
+    manifest = dict(settings, format=FORMAT, textspan_version=__version__, created=first.get("created"),
+                    updated=_now(), rows_done=total, next_index=settings["n_images"], failures=failures,
+                    complete=True, arrays={a: [total, *first["arrays"][a][1:]] for a in ARRAYS},
+                    merged_from=[str(d.relative_to(out)) for d in shard_dirs])
+    write_json_atomic(out / "manifest.json", manifest)
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading
+
+
+class HeadCache:
+    """Read access to a finished cache folder (arrays as read-only memory maps).
+
+    Example:
+        >>> cache = HeadCache("cache_dir")                          # doctest: +SKIP
+        >>> cache.heads.shape                                       # doctest: +SKIP
+        (1000, 12, 12, 512)
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        m = read_manifest(self.folder)
+        if m is None:
+            raise FileNotFoundError(f"{self.folder}: no manifest.json (not a textspan cache)")
+        if m.get("format") != FORMAT:
+            raise ValueError(f"{self.folder}: unknown cache format {m.get('format')!r}")
+        if not m.get("complete"):
+            raise ValueError(f"{self.folder}: the cache is incomplete ({m['rows_done']} rows, stopped at image "
+                             f"{m['next_index']} of {m['n_images']}); rerun `textspan cache` to finish it")
+        self.manifest = m
+
+    def _array(self, name: str) -> np.ndarray:
+        return np.load(self.folder / f"{name}.npy", mmap_mode="r")
+
+    @property
+    def heads(self) -> np.ndarray:
+        return self._array("heads")
+
+    @property
+    def cls_to_cls(self) -> np.ndarray:
+        return self._array("cls_to_cls")
+
+    @property
+    def mlps(self) -> np.ndarray:
+        return self._array("mlps")
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self._array("embeddings")
+
+    @property
+    def images(self):
+        import pandas as pd
+
+        return pd.read_csv(self.folder / "images.csv", keep_default_na=False)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.images["label"].to_numpy()
+
+    def __len__(self) -> int:
+        return int(self.manifest["rows_done"])
+
+    def check_model(self, model) -> None:
+        """Refuse a model whose weights differ from the ones this cache was made with."""
+        fp = model_fingerprint(model)
+        if fp != self.manifest["fingerprint"]:
+            raise CacheMismatchError(f"{self.folder} was made with model {self.manifest['model']!r} "
+                                     f"(fingerprint {self.manifest['fingerprint']}); this model's is {fp}")

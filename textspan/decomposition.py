@@ -1,0 +1,307 @@
+"""Exact decomposition of a CLIP ViT image embedding into direct contributions.
+
+The image tower's output at the CLS token after the last block is a sum (the residual stream)
+
+    r = z0 + sum_l ls1_l * attn_l + sum_l mlp_l,        z0 = ln_pre(cls_emb + pos_0),
+
+and the attention output at the CLS query splits over heads h and source tokens m:
+
+    attn_l = sum_{m,h} A[l,h][0,m] * W_O[l,h] v[l,h][m]  +  b_O[l]        (b_O spread as b_O / (N*H) per term).
+
+ln_post is linearised with the image's own mean mu and std sigma of r (frozen), and every term t with a share s of
+mu and beta becomes (gamma * (t - s*mu) / sigma + s*beta) @ P; the shares are 1/K for the L+1 "MLP-type" terms (the
+embedding term z0 and each MLP) and 1/(K*N*H) for each attention term, with K = 2L+1, so the shares sum to one and
+
+    sum of all terms = ln_post(r) @ P = e = encode_image(x).
+
+Every term is finally divided by ||e||, so the identity textspan tests is ``Decomposition.total() == e / ||e||``
+(float64: ~1e-15). This is the convention of Gandelsman et al. (ICLR 2024), so their numbers reproduce.
+
+Only the CLS query row of each attention map is computed: the spatial terms cost one [b, N, H, d_head] x
+[H, d_head, d_embed] product per layer on top of a plain forward, and nothing of size [N, N, H, D] is ever made.
+Head-wise constants (W_O, layer scale, ln_post's gamma and the projection) are folded into one
+[H, d_head, d_embed] matrix per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .models import check_decomposable, visual_of
+
+
+@dataclass
+class Decomposition:
+    """Direct contributions to the normalised image embedding e/||e||.
+
+    Attributes:
+        heads: [batch, layer, token, head, d_embed] when spatial, else [batch, layer, head, d_embed]
+            (summed over source tokens).
+        mlps: [batch, layer + 1, d_embed]; index 0 is the embedding term (ln_pre output at CLS), index l+1 the MLP of
+            block l.
+        cls_to_cls: [batch, layer, head, d_embed], the source-token-0 (CLS -> CLS) attention terms.
+        norm: [batch], ||e|| of the unnormalised embedding e = encode_image(x).
+        embedding: [batch, d_embed], e / ||e|| from the same forward pass.
+        ln_mean, ln_std: [batch], the frozen statistics of ln_post used to linearise it.
+        spatial: whether `heads` keeps the token axis.
+    """
+
+    heads: torch.Tensor
+    mlps: torch.Tensor
+    cls_to_cls: torch.Tensor
+    norm: torch.Tensor
+    embedding: torch.Tensor
+    ln_mean: torch.Tensor
+    ln_std: torch.Tensor
+    spatial: bool
+    grid_size: tuple = field(default=(0, 0))
+
+    @property
+    def n_layers(self) -> int:
+        return self.mlps.shape[1] - 1
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads.shape[-2]
+
+    def head_terms(self) -> torch.Tensor:
+        """[batch, layer, head, d_embed]: the head terms summed over source tokens."""
+        return self.heads.sum(dim=2) if self.spatial else self.heads
+
+    def total(self) -> torch.Tensor:
+        """[batch, d_embed]: the sum of every term; equals e / ||e||."""
+        return self.head_terms().sum(dim=(1, 2)) + self.mlps.sum(dim=1)
+
+    def layer_attention(self) -> torch.Tensor:
+        """[batch, layer, d_embed]: each layer's attention contribution (all heads and tokens)."""
+        return self.head_terms().sum(dim=2)
+
+    def to(self, *args, **kwargs) -> "Decomposition":
+        moved = {k: (v.to(*args, **kwargs) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return Decomposition(**moved)
+
+
+@dataclass
+class _LayerState:
+    """What one block leaves behind for the decomposition (CLS query only)."""
+
+    o_cls: torch.Tensor  # [batch, head, d_head], attention-weighted values at the CLS query, before W_O
+    attn_cls: torch.Tensor  # [batch, head, token], the CLS row of the attention map
+    values: torch.Tensor  # [batch, head, token, d_head]
+    mlp_cls: torch.Tensor  # [batch, d_model], the MLP output (after ls_2) at CLS
+
+
+def _split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, n, d = t.shape
+    return t.view(b, n, n_heads, d // n_heads).transpose(1, 2)  # [batch, head, token, d_head]
+
+
+def _attention_parts(block):
+    """The attention weights of a stock open_clip block, whatever its attention class."""
+    attn = block.attn
+    custom = not isinstance(attn, torch.nn.MultiheadAttention)
+    return dict(
+        w_in=attn.in_proj_weight,
+        b_in=attn.in_proj_bias,
+        w_out=attn.out_proj.weight,
+        b_out=attn.out_proj.bias,
+        n_heads=attn.num_heads,
+        ln_q=attn.ln_q if custom else None,
+        ln_k=attn.ln_k if custom else None,
+        logit_scale=attn.logit_scale if custom else None,
+        logit_scale_max=getattr(attn, "logit_scale_max", None),
+        head_scale=attn.head_scale if custom else None,
+    )
+
+
+def _block_forward(block, x: torch.Tensor, keep_values: bool):
+    """One residual block of the image tower, computed from its weights. Returns (x_out, _LayerState)."""
+    p = _attention_parts(block)
+    n_heads = p["n_heads"]
+    h = block.ln_1(x)
+    q, k, v = F.linear(h, p["w_in"], p["b_in"]).chunk(3, dim=-1)
+    q, k, v = (_split_heads(t, n_heads) for t in (q, k, v))  # [batch, head, token, d_head]
+    if p["ln_q"] is not None:
+        q, k = p["ln_q"](q), p["ln_k"](k)
+    if p["logit_scale"] is not None:  # scaled cosine attention
+        scale = torch.clamp(p["logit_scale"], max=p["logit_scale_max"]).exp()  # [head, 1, 1]
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale).softmax(dim=-1)
+        out = attn @ v
+        attn_cls = attn[:, :, 0]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)  # [batch, head, token, d_head]
+        logits_cls = q[:, :, :1] @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)  # [batch, head, 1, token]
+        attn_cls = logits_cls.softmax(dim=-1).squeeze(2)  # [batch, head, token]
+    o_cls = out[:, :, 0]
+    if p["head_scale"] is not None:
+        out = out * p["head_scale"]
+    b, _, n, _ = out.shape
+    attn_out = F.linear(out.transpose(1, 2).reshape(b, n, -1), p["w_out"], p["b_out"])
+    x = x + block.ls_1(attn_out)
+    mlp_out = block.ls_2(block.mlp(block.ln_2(x)))
+    x = x + mlp_out
+    return x, _LayerState(o_cls=o_cls, attn_cls=attn_cls, values=v if keep_values else None, mlp_cls=mlp_out[:, 0])
+
+
+def _check_images(visual, images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a preprocessed batch [batch, 3, height, width]; got {tuple(images.shape)}")
+    expected = tuple(visual.image_size)
+    if tuple(images.shape[-2:]) != expected:
+        raise ValueError(
+            f"images are {tuple(images.shape[-2:])} px but the model expects {expected}; use the model's preprocess")
+
+
+def _embed(visual, images: torch.Tensor) -> torch.Tensor:
+    x = visual.conv1(images)  # [batch, d_model, grid_h, grid_w]
+    x = x.flatten(2).transpose(1, 2)  # [batch, grid tokens, d_model]
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    return visual.ln_pre(x)  # [batch, token, d_model]
+
+
+def _run(model, images: torch.Tensor, keep_values: bool) -> Iterator:
+    """Our forward over the stock weights: yields ("embed", z) then ("layer", l, state) per block, then ("out", r)."""
+    check_decomposable(model)
+    visual = visual_of(model)
+    if visual.training and getattr(visual.patch_dropout, "prob", 0.0) > 0:
+        raise ValueError("patch dropout is active in training mode: call model.eval() before decomposing")
+    _check_images(visual, images)
+    dtype = visual.conv1.weight.dtype
+    x = _embed(visual, images.to(device=visual.conv1.weight.device, dtype=dtype))
+    yield "embed", x
+    for l, block in enumerate(visual.transformer.resblocks):
+        x, state = _block_forward(block, x, keep_values)
+        yield "layer", l, state
+    yield "out", x
+
+
+def _post_params(visual, d_model: int, like: torch.Tensor):
+    ln = visual.ln_post
+    gamma = ln.weight if getattr(ln, "weight", None) is not None else torch.ones(d_model, dtype=like.dtype,
+                                                                                 device=like.device)
+    beta = ln.bias if getattr(ln, "bias", None) is not None else torch.zeros_like(gamma)
+    proj = visual.proj if visual.proj is not None else torch.eye(d_model, dtype=like.dtype, device=like.device)
+    return gamma.to(like.dtype), beta.to(like.dtype), proj.to(like.dtype), ln.eps
+
+
+def forward_image(model, images: torch.Tensor) -> torch.Tensor:
+    """[batch, d_embed]: the unnormalised image embedding from textspan's own forward (== ``encode_image``)."""
+    with torch.no_grad():
+        for item in _run(model, images, keep_values=False):
+            if item[0] == "out":
+                x = item[1]
+        visual = visual_of(model)
+        pooled = visual.ln_post(x[:, 0])
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def _ls_gamma(ls, d_model, like):
+    g = getattr(ls, "gamma", None)
+    return g.to(like.dtype) if g is not None else torch.ones(d_model, dtype=like.dtype, device=like.device)
+
+
+def decompose(model, images: torch.Tensor, spatial: bool = True) -> Decomposition:
+    """Split the normalised image embeddings of a batch into per-(layer, head, token) and per-MLP terms.
+
+    Args:
+        model: a stock open_clip CLIP model (or its ``.visual``) with a ViT image tower, in eval mode.
+        images: [batch, 3, H, W], preprocessed with the model's own transform.
+        spatial: keep the source-token axis of the head terms ([b, L, N, H, d']); False sums it away
+            ([b, L, H, d']) at almost no cost over a plain forward.
+
+    Returns:
+        A `Decomposition` whose ``total()`` equals ``encode_image(images)`` normalised, to float precision.
+
+    Example:
+        >>> import torch, textspan
+        >>> model, _, _ = textspan.load_model("ViT-B-32")
+        >>> d = textspan.decompose(model, torch.randn(2, 3, 224, 224), spatial=False)
+        >>> d.heads.shape, d.mlps.shape
+        (torch.Size([2, 12, 12, 512]), torch.Size([2, 13, 512]))
+    """
+    check_decomposable(model)
+    visual = visual_of(model)
+    with torch.no_grad():
+        return _decompose(visual, images, spatial)
+
+
+def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
+    blocks = visual.transformer.resblocks
+    n_layers = len(blocks)
+    n_heads = blocks[0].attn.num_heads
+    d_model = visual.transformer.width
+    d_head = d_model // n_heads
+    n_tokens = 1 + visual.grid_size[0] * visual.grid_size[1]
+    like = visual.conv1.weight
+    gamma, beta, proj, eps = _post_params(visual, d_model, like)
+    d_embed = proj.shape[1]
+    b = images.shape[0]
+    K = 2 * n_layers + 1
+
+    heads_out = None
+    if spatial:
+        heads_out = torch.empty(b, n_layers, n_tokens, n_heads, d_embed, dtype=like.dtype, device=like.device)
+    heads_ns = torch.empty(b, n_layers, n_heads, d_embed, dtype=like.dtype, device=like.device)
+    cls_cls = torch.empty(b, n_layers, n_heads, d_embed, dtype=like.dtype, device=like.device)
+    mlps_raw = torch.empty(b, n_layers + 1, d_model, dtype=like.dtype, device=like.device)
+
+    x_final = None
+    for item in _run(visual, images, keep_values=True):
+        if item[0] == "embed":
+            mlps_raw[:, 0] = item[1][:, 0]
+        elif item[0] == "layer":
+            l, st = item[1], item[2]
+            block = blocks[l]
+            p = _attention_parts(block)
+            ls1 = _ls_gamma(block.ls_1, d_model, like)
+            # Fold W_O (per head), layer scale, ln_post's gamma and the projection: [head, d_head, d_embed].
+            w_out_t = p["w_out"].t().reshape(n_heads, d_head, d_model)
+            fold = (w_out_t * (ls1 * gamma)) @ proj
+            if p["head_scale"] is not None:
+                fold = fold * p["head_scale"].reshape(n_heads, 1, 1)
+            bias = ((p["b_out"] * ls1 * gamma) @ proj) if p["b_out"] is not None else torch.zeros_like(proj[0])
+            # Non-spatial: sum over tokens of A[0,m] v[m] is the attention output at CLS.
+            heads_ns[:, l] = torch.einsum("bhd,hde->bhe", st.o_cls, fold) + bias / n_heads
+            cls_cls[:, l] = torch.einsum("bhd,hde->bhe", st.attn_cls[:, :, 0, None] * st.values[:, :, 0], fold)
+            cls_cls[:, l] += bias / (n_tokens * n_heads)
+            if spatial:
+                weighted = st.attn_cls.unsqueeze(-1) * st.values  # [batch, head, token, d_head]
+                terms = torch.matmul(weighted, fold)  # [batch, head, token, d_embed]
+                terms += bias / (n_tokens * n_heads)
+                heads_out[:, l] = terms.transpose(1, 2)
+            mlps_raw[:, l + 1] = st.mlp_cls
+        else:
+            x_final = item[1]
+
+    r = x_final[:, 0]  # [batch, d_model]
+    mu = r.mean(dim=-1)
+    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + eps)
+    e = visual.ln_post(r)
+    e = e @ visual.proj if visual.proj is not None else e
+    norm = e.norm(dim=-1)
+    offset = (beta - gamma * (mu / sigma)[:, None]) @ proj  # [batch, d_embed]: the mean/beta part of ln_post
+    scale = (1.0 / (sigma * norm))  # [batch]
+
+    mlps = ((mlps_raw * gamma) @ proj) * scale[:, None, None] + (offset / (K * norm[:, None]))[:, None]
+    heads_ns.mul_(scale[:, None, None, None]).add_((offset / (K * n_heads * norm[:, None]))[:, None, None])
+    cls_cls.mul_(scale[:, None, None, None]).add_(
+        (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None, None])
+    if spatial:
+        heads_out.mul_(scale[:, None, None, None, None]).add_(
+            (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None, None, None])
+
+    return Decomposition(
+        heads=heads_out if spatial else heads_ns,
+        mlps=mlps,
+        cls_to_cls=cls_cls,
+        norm=norm,
+        embedding=e / norm[:, None],
+        ln_mean=mu,
+        ln_std=sigma,
+        spatial=spatial,
+        grid_size=tuple(visual.grid_size),
+    )

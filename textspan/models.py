@@ -1,0 +1,293 @@
+"""Loading CLIP models (open_clip names + pretrained tags, local checkpoints, the built-in model).
+
+`load_model` is the one entry point. It returns a stock open_clip model: textspan never forks or patches it; the
+decomposition reads its weights (see `textspan.decomposition`).
+
+Offline behaviour: open_clip (through huggingface_hub) retries for about a minute before it gives up on a tag whose
+weights are not cached. We look in the caches ourselves first and, when the file is not there and the hub cannot be
+reached, fail within seconds with the options spelled out (`WeightsUnavailableError`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("shapes", "shapes-spurious")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither cached locally nor downloadable from here."""
+
+
+class UnsupportedModelError(ValueError):
+    """The architecture is not one textspan can decompose exactly (yet)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shape facts of a CLIP ViT image tower, in textspan's vocabulary."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_embed: int
+    image_size: Tuple[int, int]
+    patch_size: Tuple[int, int]
+    grid_size: Tuple[int, int]
+    n_tokens: int
+    layer_scale: bool
+    activation: str
+    n_params_visual: int
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("TEXTSPAN_OFFLINE"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_tag_file(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[str]:
+    """Path of the already-downloaded checkpoint for an open_clip pretrained config, or None."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - huggingface_hub ships with open_clip
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+            filename = filename or "open_clip_pytorch_model.bin"
+            candidates = []
+            if filename.endswith((".bin", ".pth")):
+                stem = filename[:-4]
+                candidates.append("open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin"
+                                  else stem + ".safetensors")
+            candidates.append(filename)
+            for name in candidates:
+                found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+                if isinstance(found, str) and os.path.isfile(found):
+                    return found
+    url = tag_cfg.get("url", "")
+    if url:
+        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _tag_preprocess_kwargs(tag_cfg: dict) -> dict:
+    kw = {}
+    for src, dst in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
+                     ("resize_mode", "image_resize_mode")):
+        if tag_cfg.get(src) is not None:
+            kw[dst] = tag_cfg[src]
+    return kw
+
+
+def load_model(
+    name: str,
+    pretrained: Optional[Union[str, os.PathLike]] = None,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    precision: str = "fp32",
+    cache_dir: Optional[str] = None,
+) -> Tuple[torch.nn.Module, Callable, Callable]:
+    """Load a CLIP model, its eval preprocessing and its tokenizer.
+
+    Args:
+        name: an open_clip model name (``"ViT-B-16"``; ``open_clip.list_models()``), an open_clip schema name
+            (``"hf-hub:org/repo"``, ``"local-dir:/path"``), or a built-in model (``"shapes"``, ``"shapes-spurious"``;
+            offline, shipped with textspan).
+        pretrained: an open_clip pretrained tag (``"laion2b_s34b_b88k"``; downloaded by open_clip when online), a local
+            checkpoint (.pt/.pth/.bin/.safetensors, loaded with ``weights_only=True``), or None for random
+            initialisation (tests).
+        device: torch device.
+        precision: open_clip precision string ("fp32", "fp16", "bf16", ...). Use "fp32" (or cast to float64 yourself)
+            for exact decompositions.
+        cache_dir: where open_clip / huggingface_hub keep downloads (default: their own defaults).
+
+    Returns:
+        (model, preprocess, tokenizer): the stock open_clip model in eval mode, the eval image transform, and the
+        tokenizer.
+
+    Raises:
+        WeightsUnavailableError: a tag whose weights are not cached while the hub cannot be reached (within seconds).
+        FileNotFoundError: ``pretrained`` looks like a path but no such file exists.
+        UnsupportedModelError: the image tower cannot be decomposed exactly (checked here, before any work).
+
+    Example:
+        >>> model, preprocess, tokenizer = load_model("ViT-B-32")          # random init, no download
+        >>> model_info(model).n_layers
+        12
+    """
+    import open_clip
+
+    if name in BUILTIN_MODELS:
+        from .shapes.model import load_shapes_model
+
+        variant = "default" if name == "shapes" else "spurious"
+        model, preprocess, tokenizer = load_shapes_model(variant=variant, device=device)
+        model.eval()
+        return model, preprocess, tokenizer
+
+    kwargs = dict(precision=precision, device=device, cache_dir=cache_dir, pretrained_text=False)
+    schema = name.split(":", 1)[0] if ":" in name else None
+    if pretrained is not None and schema is None:
+        pretrained = str(pretrained)
+        cfg_name = name.replace("/", "-")
+        if open_clip.get_model_config(cfg_name) is None:
+            raise ValueError(f"unknown open_clip model name {name!r}; see open_clip.list_models()")
+        tag_cfg = open_clip.get_pretrained_cfg(cfg_name, pretrained)
+        if tag_cfg:
+            # open_clip 2.x built OpenAI tags with QuickGELU; 3.x only warns on the mismatch. The weights were trained
+            # with the activation their tag names, so use it.
+            kwargs.update(_tag_preprocess_kwargs(tag_cfg))
+            if tag_cfg.get("quick_gelu") and not open_clip.get_model_config(cfg_name).get("quick_gelu", False):
+                kwargs["force_quick_gelu"] = True
+            cached = _cached_tag_file(tag_cfg, cache_dir)
+            if cached is not None:
+                log.info("using cached weights %s for %s/%s", cached, name, pretrained)
+                pretrained = cached
+            elif not _hub_reachable():
+                tags = open_clip.list_pretrained_tags_by_model(cfg_name)
+                raise WeightsUnavailableError(
+                    f"weights for model {name!r} with pretrained tag {pretrained!r} are not in the local cache "
+                    f"(huggingface hub cache / ~/.cache/clip{' / ' + cache_dir if cache_dir else ''}) and the hub "
+                    f"cannot be reached from this machine. Options: (1) pass a local checkpoint file as pretrained "
+                    f"(e.g. --pretrained /path/to/open_clip_pytorch_model.bin or .safetensors); (2) copy the weights "
+                    f"into the cache on a machine with internet access; (3) use the built-in offline model "
+                    f"'shapes'; (4) pretrained=None for random weights. Known tags for {cfg_name}: {tags}")
+        elif any(str(pretrained).endswith(s) for s in CHECKPOINT_SUFFIXES) or os.sep in pretrained:
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+        else:
+            raise ValueError(
+                f"pretrained={pretrained!r} is neither a known tag for {cfg_name} "
+                f"({open_clip.list_pretrained_tags_by_model(cfg_name)}) nor an existing checkpoint file")
+    elif pretrained is not None:
+        log.warning("ignoring pretrained=%r: model name %r carries its own weights", pretrained, name)
+        pretrained = None
+
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval()
+    check_decomposable(model)
+    return model, preprocess, tokenizer
+
+
+def visual_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The image tower of a CLIP model (or the tower itself when given one)."""
+    return getattr(model, "visual", model)
+
+
+def check_decomposable(model: torch.nn.Module) -> None:
+    """Raise `UnsupportedModelError` unless textspan's forward reproduces this image tower exactly."""
+    from open_clip.transformer import (
+        Attention,
+        CustomResidualAttentionBlock,
+        ResidualAttentionBlock,
+        VisionTransformer,
+    )
+
+    visual = visual_of(model)
+    if not isinstance(visual, VisionTransformer):
+        raise UnsupportedModelError(
+            f"textspan decomposes open_clip VisionTransformer image towers; this model's is "
+            f"{type(visual).__name__} (timm trunks and ResNets are not supported)")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UnsupportedModelError("attentional pooling (CoCa-style) image towers are not supported yet")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise UnsupportedModelError(
+            f"pool_type={visual.pool_type!r} is not supported: the decomposition follows the CLS token ('tok')")
+    for i, block in enumerate(visual.transformer.resblocks):
+        if isinstance(block, ResidualAttentionBlock):
+            if hasattr(block, "ln_1_kv"):
+                raise UnsupportedModelError(f"block {i} is a cross-attention block")
+            if block.attn.in_proj_weight is None:
+                raise UnsupportedModelError(f"block {i}: separate q/k/v projections are not supported")
+        elif isinstance(block, CustomResidualAttentionBlock):
+            attn = block.attn
+            if not isinstance(attn, Attention):
+                raise UnsupportedModelError(f"block {i}: unknown attention module {type(attn).__name__}")
+            if not isinstance(attn.ln_inner, torch.nn.Identity):
+                raise UnsupportedModelError(
+                    f"block {i}: a LayerNorm between the heads and out_proj (scale_attn_inner) mixes the heads, so "
+                    f"per-head terms are not exact")
+            if not isinstance(block.ln_attn, torch.nn.Identity):
+                raise UnsupportedModelError(f"block {i}: a LayerNorm after attention (scale_attn) is not supported")
+        else:
+            raise UnsupportedModelError(f"block {i}: unknown block type {type(block).__name__}")
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """Layers, heads, widths and token count of a CLIP ViT image tower."""
+    check_decomposable(model)
+    visual = visual_of(model)
+    blocks = visual.transformer.resblocks
+    b0 = blocks[0]
+    n_heads = b0.attn.num_heads
+    d_model = visual.transformer.width
+    grid = tuple(visual.grid_size)
+    proj = visual.proj
+    act = type(b0.mlp.gelu).__name__ if hasattr(b0.mlp, "gelu") else "?"
+    return ModelInfo(
+        n_layers=len(blocks),
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        d_mlp=b0.mlp.c_fc.out_features,
+        d_embed=proj.shape[1] if proj is not None else d_model,
+        image_size=tuple(visual.image_size),
+        patch_size=tuple(visual.patch_size),
+        grid_size=grid,
+        n_tokens=1 + grid[0] * grid[1],
+        layer_scale=not isinstance(b0.ls_1, torch.nn.Identity),
+        activation=act,
+        n_params_visual=sum(p.numel() for p in visual.parameters()),
+    )
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A content hash of all the model's weights (names, dtypes, shapes and values).
+
+    Two models with the same fingerprint give the same decompositions; caches and text embeddings record it and
+    refuse to be mixed with another model's.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        t = t.contiguous().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def describe_pretrained(pretrained: Optional[Union[str, os.PathLike]]) -> Optional[str]:
+    """What to record of `pretrained` in a manifest: the tag, or the absolute path of a checkpoint."""
+    if pretrained is None:
+        return None
+    p = str(pretrained)
+    return str(Path(p).resolve()) if os.path.isfile(p) else p
