@@ -30,3 +30,44 @@ def tiny_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, width
 def random_images(n: int, size: int = 32, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g).to(dtype)
+
+
+TINY_CFG = dict(embed_dim=24,
+                vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16, mlp_ratio=2.0),
+                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+
+
+def save_local_dir(folder, seed: int = 0):
+    """Write a tiny model as an open_clip 'local-dir:' folder (config + safetensors), the way users ship models."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_clip(seed=seed)
+    cfg = {"model_cfg": TINY_CFG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                                                     "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}", model
+
+
+def write_images(folder, n: int, size: int = 40, seed: int = 0, classes=("cat", "dog")):
+    """n small random RGB PNG/JPEG images in ImageFolder layout (class sub-folders); returns their paths."""
+    import numpy as np
+    from pathlib import Path
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    paths = []
+    for i in range(n):
+        cls = classes[i % len(classes)]
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, size=(size, size + 8 * (i % 3), 3), dtype=np.uint8)
+        p = folder / cls / f"img{i:05d}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
