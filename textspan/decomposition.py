@@ -245,6 +245,8 @@ def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
     heads_out = None
     if spatial:
         heads_out = torch.empty(b, n_layers, n_tokens, n_heads, d_embed, dtype=like.dtype, device=like.device)
+        buf = torch.empty(b, n_heads, n_tokens, d_embed, dtype=like.dtype, device=like.device)
+        layer_bias = torch.empty(n_layers, d_embed, dtype=like.dtype, device=like.device)
     heads_ns = torch.empty(b, n_layers, n_heads, d_embed, dtype=like.dtype, device=like.device)
     cls_cls = torch.empty(b, n_layers, n_heads, d_embed, dtype=like.dtype, device=like.device)
     mlps_raw = torch.empty(b, n_layers + 1, d_model, dtype=like.dtype, device=like.device)
@@ -270,9 +272,9 @@ def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
             cls_cls[:, l] += bias / (n_tokens * n_heads)
             if spatial:
                 weighted = st.attn_cls.unsqueeze(-1) * st.values  # [batch, head, token, d_head]
-                terms = torch.matmul(weighted, fold)  # [batch, head, token, d_embed]
-                terms += bias / (n_tokens * n_heads)
-                heads_out[:, l] = terms.transpose(1, 2)
+                torch.matmul(weighted, fold, out=buf)  # [batch, head, token, d_embed], one buffer for all layers
+                heads_out[:, l].copy_(buf.transpose(1, 2))
+                layer_bias[l] = bias / (n_tokens * n_heads)  # added with the final scaling, in the same pass
             mlps_raw[:, l + 1] = st.mlp_cls
         else:
             x_final = item[1]
@@ -291,8 +293,9 @@ def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
     cls_cls.mul_(scale[:, None, None, None]).add_(
         (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None, None])
     if spatial:
-        heads_out.mul_(scale[:, None, None, None, None]).add_(
-            (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None, None, None])
+        # one fused pass over the big tensor: terms * scale + (layer bias * scale + offset share)
+        const = layer_bias[None] * scale[:, None, None] + (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None]
+        torch.addcmul(const[:, :, None, None], heads_out, scale[:, None, None, None, None], out=heads_out)
 
     return Decomposition(
         heads=heads_out if spatial else heads_ns,
