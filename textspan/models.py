@@ -144,7 +144,10 @@ def load_model(
     import open_clip
 
     if name in BUILTIN_MODELS:
-        from .shapes.model import load_shapes_model
+        try:
+            from .shapes.model import load_shapes_model
+        except ImportError as exc:
+            raise FileNotFoundError(f"the built-in model {name!r} is not part of this installation") from exc
 
         variant = "default" if name == "shapes" else "spurious"
         model, preprocess, tokenizer = load_shapes_model(variant=variant, device=device)
