@@ -144,15 +144,10 @@ def load_model(
     import open_clip
 
     if name in BUILTIN_MODELS:
-        try:
-            from .shapes.model import load_shapes_model
-        except ImportError as exc:
-            raise FileNotFoundError(f"the built-in model {name!r} is not part of this installation") from exc
+        from .builtin import load_shapes_model
 
         variant = "default" if name == "shapes" else "spurious"
-        model, preprocess, tokenizer = load_shapes_model(variant=variant, device=device)
-        model.eval()
-        return model, preprocess, tokenizer
+        return load_shapes_model(variant=variant, device=device)
 
     kwargs = dict(precision=precision, device=device, cache_dir=cache_dir, pretrained_text=False)
     schema = name.split(":", 1)[0] if ":" in name else None
