@@ -79,7 +79,7 @@ def preprocess(image) -> torch.Tensor:
         if img.size != (world.SIZE, world.SIZE):
             img = img.resize((world.SIZE, world.SIZE), Image.BICUBIC)
         arr = np.asarray(img)
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+    t = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
     return (t - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
