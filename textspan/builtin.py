@@ -134,17 +134,35 @@ def save_checkpoint(model, tokenizer: WordTokenizer, config: dict, variant: str,
     info.write_text(json.dumps(dict(config=config, vocab=tokenizer.words, mean=MEAN, std=STD, **meta), indent=1))
 
 
-def load_shapes_model(variant: str = "default", device: Union[str, torch.device] = "cpu"):
-    """(model, preprocess, tokenizer) of a shipped built-in model, offline. The fp16 weights load into fp32."""
+def load_shapes_model(variant: str = "default", device: Union[str, torch.device] = "cpu",
+                      checkpoint: Optional[Union[str, Path]] = None):
+    """(model, preprocess, tokenizer) of a built-in model, offline.
+
+    Without `checkpoint`, the shipped weights (fp16, loaded into fp32). With it, a training checkpoint of
+    `textspan.training` (``last.pt``; its folder's config.json gives the architecture) or a .safetensors file.
+    """
     from safetensors.torch import load_file
 
-    weights, info = checkpoint_paths(variant)
-    if not weights.is_file() or not info.is_file():
-        raise FileNotFoundError(f"the built-in model {variant!r} is not shipped in this installation ({weights})")
-    meta = json.loads(info.read_text())
-    model, tok = build_model(meta["config"], meta["vocab"])
-    state = {k: v.float() for k, v in load_file(str(weights)).items()}
-    model.load_state_dict(state, strict=True)
+    if checkpoint is None:
+        weights, info = checkpoint_paths(variant)
+        if not weights.is_file() or not info.is_file():
+            raise FileNotFoundError(f"the built-in model {variant!r} is not shipped in this installation ({weights})")
+        meta = json.loads(info.read_text())
+        state = load_file(str(weights))
+    else:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        cfg_file = checkpoint.parent / "config.json"
+        meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        if str(checkpoint).endswith(".safetensors"):
+            state = load_file(str(checkpoint))
+        else:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = state.get("model", state)
+    vocab = meta.get("vocab") or world.vocabulary()
+    model, tok = build_model(meta.get("config") or default_config(len(vocab) + 3), vocab)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.to(device).eval(), preprocess, tok
 
 

@@ -118,7 +118,7 @@ def load_model(
     Args:
         name: an open_clip model name (``"ViT-B-16"``; ``open_clip.list_models()``), an open_clip schema name
             (``"hf-hub:org/repo"``, ``"local-dir:/path"``), or a built-in model (``"shapes"``, ``"shapes-spurious"``;
-            offline, shipped with textspan).
+            offline, shipped with textspan; ``pretrained`` may then name a training checkpoint of it).
         pretrained: an open_clip pretrained tag (``"laion2b_s34b_b88k"``; downloaded by open_clip when online), a local
             checkpoint (.pt/.pth/.bin/.safetensors, loaded with ``weights_only=True``), or None for random
             initialisation (tests).
@@ -147,7 +147,7 @@ def load_model(
         from .builtin import load_shapes_model
 
         variant = "default" if name == "shapes" else "spurious"
-        return load_shapes_model(variant=variant, device=device)
+        return load_shapes_model(variant=variant, device=device, checkpoint=pretrained)
 
     kwargs = dict(precision=precision, device=device, cache_dir=cache_dir, pretrained_text=False)
     schema = name.split(":", 1)[0] if ":" in name else None
