@@ -71,3 +71,19 @@ def write_images(folder, n: int, size: int = 40, seed: int = 0, classes=("cat", 
         Image.fromarray(arr).save(p)
         paths.append(p)
     return paths
+
+
+def save_shapes_checkpoint(folder, seed: int = 1):
+    """A freshly built (untrained) shapes-world CLIP saved like a training run: FOLDER/last.pt + config.json."""
+    import json
+    from pathlib import Path
+
+    from textspan import builtin
+
+    model, tok = builtin.build_model(seed=seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "step": 0}, folder / "last.pt")
+    (folder / "config.json").write_text(json.dumps({"config": builtin.default_config(tok.vocab_size),
+                                                    "vocab": tok.words}))
+    return folder / "last.pt", model.eval()

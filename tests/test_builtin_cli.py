@@ -12,15 +12,11 @@ import textspan
 from textspan import builtin, world
 from textspan.cli import main
 
+from helpers import save_shapes_checkpoint
+
 
 def _checkpoint(tmp_path):
-    model, tok = builtin.build_model(seed=1)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    torch.save({"model": model.state_dict(), "step": 0}, folder / "last.pt")
-    (folder / "config.json").write_text(json.dumps({"config": builtin.default_config(tok.vocab_size),
-                                                    "vocab": tok.words}))
-    return folder / "last.pt", model
+    return save_shapes_checkpoint(tmp_path / "run")
 
 
 def test_shapes_world_command_writes_images_masks_metadata(tmp_path):

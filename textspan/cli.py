@@ -279,5 +279,278 @@ def eval_shapes(model_name, pretrained, n, seed, output):
         click.echo(f"{k:<12} {v if isinstance(v, dict) else f'{100 * v:.1f}%'}")
 
 
+def _open_cache(folder):
+    from .cache import HeadCache
+
+    try:
+        return HeadCache(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _model_for_cache(cache, model_name, pretrained, device):
+    """The model a cache was made with (by default from its manifest); refuses one with other weights."""
+    from .cache import CacheMismatchError
+
+    name = model_name or cache.manifest["model"]
+    pre = pretrained if model_name else (pretrained or cache.manifest.get("pretrained"))
+    model, preprocess, tokenizer = _load(name, pre, device or "cpu")
+    try:
+        cache.check_model(model)
+    except CacheMismatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return model, preprocess, tokenizer
+
+
+def _bank_embeddings(bank_arg, text_embeddings, model, tokenizer, fingerprint):
+    from .text import EmbeddingMismatchError, TextBank, bank_embeddings, load_embeddings
+
+    try:
+        if text_embeddings:
+            bank = TextBank.load(bank_arg) if bank_arg else None
+            emb, loaded = load_embeddings(text_embeddings, fingerprint=fingerprint, bank=bank)
+            return emb, loaded
+        bank = TextBank.load(bank_arg)
+        return bank_embeddings(model, tokenizer, bank, fingerprint=fingerprint), bank
+    except (FileNotFoundError, ValueError, EmbeddingMismatchError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def cache_model_options(f):
+    """--model/--pretrained/--device for commands reading a cache (default: the cache's own model)."""
+
+    @click.option("--model", "model_name", default=None,
+                  help="model for the text tower (default: the one recorded in the cache's manifest).")
+    @click.option("--pretrained", default=None, help="its pretrained tag or checkpoint (default: the cache's).")
+    @click.option("--device", default=None)
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+@main.command("encode-texts")
+@click.argument("bank")
+@model_options
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="FILE.npy (a FILE.json sidecar records the model fingerprint and the bank).")
+@click.option("--batch-size", default=256, show_default=True)
+def encode_texts_cmd(bank, model_name, pretrained, device, output, batch_size):
+    """Encode a text bank (a file, one entry per line, or a built-in bank name) with the model's text tower."""
+    from .models import fingerprint
+    from .text import TextBank, encode_texts, save_embeddings
+
+    _setup_logging(False)
+    try:
+        tb = TextBank.load(bank)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    model, _, tokenizer = _load(model_name, pretrained, device or "cpu")
+    emb = encode_texts(model, tokenizer, tb.texts, batch_size=batch_size)
+    path = save_embeddings(output, emb, tb, fingerprint(model), model_name)
+    click.echo(f"{len(tb)} texts encoded -> {path} {tuple(emb.shape)}")
+
+
+@main.command("label-heads")
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
+@click.option("--bank", default=None, help="text bank file or built-in name (e.g. general, shapes).")
+@click.option("--text-embeddings", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="precomputed embeddings from `encode-texts` (checked against the cache's model).")
+@click.option("--n-texts", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--layers", default="-4:", show_default=True, help="layers to label: '-4:', '0,5,-1', 'all'.")
+@click.option("--rank", default=80, show_default=True, type=click.IntRange(min=1))
+@cache_model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--quiet", is_flag=True)
+def label_heads_cmd(cache_dir, bank, text_embeddings, n_texts, layers, rank, model_name, pretrained, device,
+                    output, quiet):
+    """Label every head of the chosen layers with TextSpan -> heads.csv, heads.json, heads.md."""
+    import csv
+
+    from .span import label_heads, parse_layers
+    from .runinfo import write_run_json
+
+    _setup_logging(quiet)
+    t0 = time.time()
+    if not bank and not text_embeddings:
+        raise click.ClickException("give --bank or --text-embeddings")
+    cache = _open_cache(cache_dir)
+    fp = cache.manifest["fingerprint"]
+    model = tokenizer = None
+    if not text_embeddings:
+        model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
+    emb, tb = _bank_embeddings(bank, text_embeddings, model, tokenizer, fp)
+    n_layers = cache.manifest["n_layers"]
+    try:
+        chosen = parse_layers(layers, n_layers)
+    except ValueError as exc:
+        raise click.ClickException(f"--layers: {exc}") from exc
+    if n_texts > len(tb):
+        raise click.ClickException(f"--n-texts {n_texts} is more than the {len(tb)} texts of the bank")
+    results = label_heads(cache.heads, emb, tb.texts, chosen, n_texts=n_texts, rank=rank, progress=not quiet)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    with open(out / "heads.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "head", "rank", "text", "variance_explained", "cumulative"])
+        for (l, h), r in sorted(results.items()):
+            for k, (t, v, c) in enumerate(zip(r.texts, r.variance_explained, r.cumulative)):
+                w.writerow([l, h, k, t, f"{v:.6f}", f"{c:.6f}"])
+            records.append({"head": f"L{l}H{h}", "layer": l, "head_index": h,
+                            "total_variance": r.total_variance,
+                            "texts": [{"rank": k, "text": t, "variance_explained": float(v), "cumulative": float(c)}
+                                      for k, (t, v, c) in enumerate(zip(r.texts, r.variance_explained,
+                                                                          r.cumulative))]})
+    (out / "heads.json").write_text(json.dumps({"cache": str(cache_dir), "bank": tb.source, "rank": rank,
+                                                "n_texts": n_texts, "heads": records}, indent=1))
+    lines = [f"# TextSpan labels: {cache.manifest['model']} ({len(cache)} images), bank {tb.source}", ""]
+    for rec in records:
+        top = rec["texts"]
+        lines.append(f"## {rec['head']} ({100 * top[-1]['cumulative']:.1f}% of its variance with {len(top)} texts)")
+        lines += [f"{t['rank'] + 1}. {t['text']} ({100 * t['variance_explained']:.1f}%)" for t in top]
+        lines.append("")
+    (out / "heads.md").write_text("\n".join(lines))
+    write_run_json(out, "label-heads", dict(cache=cache_dir, bank=bank, text_embeddings=text_embeddings,
+                                            n_texts=n_texts, layers=layers, rank=rank),
+                   model_fingerprint=fp, started=t0)
+    click.echo(f"{len(results)} heads labelled -> {out / 'heads.md'}")
+
+
+@main.command()
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
+@click.option("--bank", default=None, help="text bank for TextSpan.")
+@click.option("--text-embeddings", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="class names, one per line, in label order (default: the cache's class folders).")
+@click.option("--templates", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="prompt templates with '{}' (default: text_banks/templates.txt).")
+@click.option("--n-texts", default="5,10,20,40,60", show_default=True, help="texts per head to try.")
+@click.option("--layers", default="-4:", show_default=True, help="the analysed layers.")
+@click.option("--rank", default=80, show_default=True)
+@click.option("--reference", default=None, type=click.Path(exists=True, file_okay=False),
+              help="cache whose means replace ablated terms (default: the evaluated cache itself).")
+@cache_model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--quiet", is_flag=True)
+def completeness(cache_dir, bank, text_embeddings, classes, templates, n_texts, layers, rank, reference,
+                 model_name, pretrained, device, output, quiet):
+    """Zero-shot accuracy with the analysed heads replaced by their TextSpan reconstructions (the rest
+    mean-ablated), against the baseline, per number of texts -> completeness.csv, completeness.json, .png."""
+    import csv
+
+    import numpy as np
+
+    from . import span
+    from .runinfo import write_run_json
+    from .text import BANK_DIR
+    from .zeroshot import build_classifier, read_lines, read_templates
+
+    _setup_logging(quiet)
+    t0 = time.time()
+    cache = _open_cache(cache_dir)
+    fp = cache.manifest["fingerprint"]
+    model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
+    emb, tb = _bank_embeddings(bank or "general", text_embeddings, model, tokenizer, fp)
+    classnames = read_lines(classes, "classes") if classes else cache.manifest.get("classes") or []
+    if not classnames:
+        raise click.ClickException("the cache has no class folders: give --classes")
+    tmpl = read_templates(templates or BANK_DIR / "templates.txt")
+    W = build_classifier(model, tokenizer, classnames, tmpl)
+    ms = sorted({int(x) for x in n_texts.split(",")})
+    chosen = span.parse_layers(layers, cache.manifest["n_layers"])
+    results = span.label_heads(cache.heads, emb, tb.texts, chosen, n_texts=max(ms), rank=rank, progress=not quiet)
+    ref = _open_cache(reference) if reference else None
+    if ref is not None and ref.manifest["fingerprint"] != fp:
+        raise click.ClickException(f"--reference {reference} was made with another model")
+    acc = span.completeness(cache.heads, cache.mlps, cache.embeddings, W, cache.labels, results, ms,
+                            ref_heads=ref.heads if ref else None, ref_mlps=ref.mlps if ref else None)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "completeness.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["n_texts", "accuracy"])
+        for m in ms:
+            w.writerow([m, f"{acc['by_n_texts'][m]:.3f}"])
+    (out / "completeness.json").write_text(json.dumps({"baseline": acc["baseline"],
+                                                       "ablated_rest": acc["ablated_rest"],
+                                                       "by_n_texts": {str(k): v for k, v in acc["by_n_texts"].items()},
+                                                       "layers": chosen, "bank": tb.source}, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ms, [acc["by_n_texts"][m] for m in ms], "o-", label="TextSpan reconstruction")
+    ax.axhline(acc["baseline"], color="k", ls="--", label="baseline")
+    ax.axhline(acc["ablated_rest"], color="gray", ls=":", label="heads intact, rest mean-ablated")
+    ax.set_xlabel("texts per head")
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "completeness.png", dpi=120)
+    plt.close(fig)
+    write_run_json(out, "completeness", dict(cache=cache_dir, bank=bank, n_texts=n_texts, layers=layers,
+                                             rank=rank, reference=reference), model_fingerprint=fp, started=t0)
+    click.echo(f"baseline {acc['baseline']:.1f}%, heads intact {acc['ablated_rest']:.1f}%; "
+               + ", ".join(f"{m} texts {acc['by_n_texts'][m]:.1f}%" for m in ms))
+
+
+@main.command()
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
+@click.option("--head", "head_name", required=True, help="head, e.g. L10H3 (negative layers count from the end).")
+@click.option("--text", "query", required=True, help="the text to rank images by.")
+@click.option("--top", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--bottom", is_flag=True, help="rank by least similar instead.")
+@cache_model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+def retrieve(cache_dir, head_name, query, top, bottom, model_name, pretrained, device, output):
+    """Rank the cache's images by the similarity of one head's contribution to a text -> retrieval.csv/.png."""
+    import csv
+
+    import numpy as np
+
+    from .datasets import load_rgb
+    from .runinfo import write_run_json
+    from .span import parse_heads
+    from .text import encode_texts
+
+    t0 = time.time()
+    cache = _open_cache(cache_dir)
+    try:
+        (layer, head), = parse_heads(head_name, cache.manifest["n_layers"], cache.manifest["n_heads"])
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
+    try:
+        t = encode_texts(model, tokenizer, [query])[0]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    scores = np.asarray(cache.heads[:, layer, head], dtype=np.float64) @ t
+    order = np.argsort(scores if bottom else -scores, kind="stable")[:top]
+    images = cache.images
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "retrieval.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "row", "path", "score"])
+        for k, i in enumerate(order):
+            w.writerow([k, int(i), images["path"][i], f"{scores[i]:.6f}"])
+    from .visualize import contact_sheet
+
+    thumbs = []
+    for i in order:
+        try:
+            thumbs.append((load_rgb(images["path"][i]), f"{scores[i]:+.3f}"))
+        except Exception as exc:  # a file moved since caching: keep the CSV, skip its thumbnail
+            log.warning("cannot show %s: %s", images["path"][i], exc)
+    contact_sheet(thumbs, out / "retrieval.png", title=f"L{layer}H{head}: {query}")
+    write_run_json(out, "retrieve", dict(cache=cache_dir, head=head_name, text=query, top=top, bottom=bottom),
+                   model_fingerprint=cache.manifest["fingerprint"], started=t0)
+    click.echo(f"top {len(order)} images for L{layer}H{head} / {query!r} -> {out / 'retrieval.png'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

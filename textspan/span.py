@@ -140,3 +140,102 @@ def _as_float64(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
+
+
+def parse_layers(spec: Optional[str], n_layers: int) -> List[int]:
+    """Layer selection: "-4:" (last four), "2:6", "0,3,-1", "5", or None/"all"; negative numbers count from the end."""
+    if spec is None or str(spec).strip() in ("", "all", ":"):
+        return list(range(n_layers))
+    spec = str(spec).strip()
+    if ":" in spec:
+        a, b = spec.split(":", 1)
+        layers = list(range(n_layers))[slice(int(a) if a else None, int(b) if b else None)]
+    else:
+        layers = []
+        for part in spec.split(","):
+            k = int(part)
+            if not -n_layers <= k < n_layers:
+                raise ValueError(f"layer {k} is out of range for {n_layers} layers")
+            layers.append(k % n_layers)
+    if not layers:
+        raise ValueError(f"layer selection {spec!r} selects no layer of {n_layers}")
+    return layers
+
+
+def parse_heads(spec: str, n_layers: int, n_heads: int) -> List[tuple]:
+    """"L10H3,L-1H2" -> [(10, 3), (n_layers - 1, 2)]."""
+    import re
+
+    out = []
+    for part in spec.replace(" ", "").split(","):
+        m = re.fullmatch(r"L(-?\d+)H(\d+)", part, flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"{part!r} is not a head name like L10H3")
+        layer, head = int(m.group(1)), int(m.group(2))
+        if not -n_layers <= layer < n_layers or not 0 <= head < n_heads:
+            raise ValueError(f"{part} is outside the model's {n_layers} layers x {n_heads} heads")
+        out.append((layer % n_layers, head))
+    return out
+
+
+def label_heads(heads, text_embeddings, texts: Sequence[str], layers: Sequence[int], n_texts: int = 20,
+                rank: int = 80, progress: bool = True) -> dict:
+    """TextSpan for every head of the given layers of a cache's heads array [n, L, H, d'].
+
+    Returns {(layer, head): TextSpanResult}.
+    """
+    from tqdm.auto import tqdm
+
+    n_heads = heads.shape[2]
+    if max(layers) >= heads.shape[1]:
+        raise ValueError(f"the cache has {heads.shape[1]} layers; asked for layer {max(layers)}")
+    todo = [(l, h) for l in layers for h in range(n_heads)]
+    results = {}
+    for l, h in tqdm(todo, disable=not progress, desc="TextSpan", unit="head"):
+        results[(l, h)] = text_span(np.asarray(heads[:, l, h]), text_embeddings, texts, n_texts=n_texts, rank=rank)
+    return results
+
+
+def completeness(heads, mlps, embeddings, classifier: np.ndarray, labels: np.ndarray, results: dict,
+                 n_texts_list: Sequence[int], ref_heads=None, ref_mlps=None) -> dict:
+    """Zero-shot accuracy when the analysed heads are replaced by their TextSpan reconstructions with m texts and
+    every other head and all MLP-type terms (embedding term included) are mean-ablated.
+
+    Logits are linear in the terms, so each head is read once: its reconstruction's logits are
+    mean @ W + (centred @ Q_m^T)(Q_m W). Means of ablated terms come from `ref_heads`/`ref_mlps` (default: the
+    evaluated cache itself, the published protocol).
+
+    Returns {"baseline": %, "ablated_rest": % (analysed heads kept intact, the rest mean-ablated),
+    "by_n_texts": {m: %}}.
+    """
+    from .zeroshot import accuracy
+
+    ref_heads = heads if ref_heads is None else ref_heads
+    ref_mlps = mlps if ref_mlps is None else ref_mlps
+    n, L, H = heads.shape[:3]
+    W = np.asarray(classifier, dtype=np.float64)
+    const = np.asarray(ref_mlps, dtype=np.float64).mean(axis=0).sum(axis=0) @ W  # [C]
+    intact = np.zeros((n, W.shape[1]))
+    by_m = {m: np.zeros((n, W.shape[1])) for m in n_texts_list}
+    for l in range(L):
+        for h in range(H):
+            if (l, h) in results:
+                C = np.asarray(heads[:, l, h], dtype=np.float64)
+                r = results[(l, h)]
+                intact += C @ W
+                Q = r.directions / np.linalg.norm(r.directions, axis=1, keepdims=True)
+                P = (C - r.mean) @ Q.T  # [n, m_max]
+                QW = Q @ W  # [m_max, C]
+                base = r.mean @ W
+                for m in n_texts_list:
+                    if m > len(Q):
+                        raise ValueError(f"{m} texts asked, but TextSpan picked only {len(Q)} for L{l}H{h}")
+                    by_m[m] += base + P[:, :m] @ QW[:m]
+            else:
+                const = const + np.asarray(ref_heads[:, l, h], dtype=np.float64).mean(axis=0) @ W
+    labels = np.asarray(labels)
+    return {
+        "baseline": accuracy(np.asarray(embeddings, dtype=np.float64), W, labels),
+        "ablated_rest": accuracy(intact + const, np.eye(W.shape[1]), labels),
+        "by_n_texts": {m: accuracy(v + const, np.eye(W.shape[1]), labels) for m, v in by_m.items()},
+    }

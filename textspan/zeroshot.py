@@ -1,0 +1,49 @@
+"""Zero-shot classifiers and accuracy on decomposed embeddings.
+
+A classifier is W [d', C]: per class, the mean of the normalised text embeddings of its prompts (class name x
+templates), renormalised. Because every image embedding is a sum of direct terms, logits = (sum of terms) @ W are
+linear in the terms: replacing or ablating terms only changes a sum, never a forward pass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .text import TextBank, encode_texts
+
+
+def read_lines(path, what: str) -> List[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    return TextBank.load(p).texts
+
+
+def read_templates(path) -> List[str]:
+    templates = read_lines(path, "templates")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"{path}: every template needs exactly one '{{}}' for the class name; not: {bad[:3]}")
+    return templates
+
+
+def build_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+                     batch_size: int = 256) -> np.ndarray:
+    """[d', C] float32 zero-shot classifier."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_texts(model, tokenizer, prompts, batch_size=batch_size)  # [C * T, d']
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb.T.astype(np.float32)
+
+
+def accuracy(embeddings: np.ndarray, classifier: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent of (embeddings @ classifier) against integer labels (rows with label < 0 skipped)."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    if not keep.any():
+        raise ValueError("no labelled images (every label is -1)")
+    pred = (np.asarray(embeddings)[keep] @ classifier).argmax(axis=1)
+    return float((pred == labels[keep]).mean() * 100)
