@@ -29,7 +29,6 @@ if __name__ == "__main__":
     ckpt = Path(args.checkpoint)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     run_cfg = json.loads((ckpt.parent / "config.json").read_text())
-    model, tok, _ = None, None, None
     model, _, tok = builtin.load_shapes_model(checkpoint=ckpt)
     meta = {
         "variant": args.variant,
