@@ -257,3 +257,16 @@ def test_streaming_memory_is_bounded():
     assert r["small_images"] == 400 and r["large_images"] == 4000
     assert r["large_results_mb"] > 300  # holding the results in memory would show
     assert r["difference_mb"] < 100, r
+
+
+def test_torchrun_refuses_a_mismatched_cache_on_every_rank(tmp_path, local_model):
+    name, _, _ = local_model
+    write_images(tmp_path / "imgs", 4)
+    assert _cli("cache", tmp_path / "imgs", "--model", name, "--quiet", "--output", tmp_path / "c",
+                "--dtype", "float16").returncode == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--module", "textspan", "cache", str(tmp_path / "imgs"), "--model", name, "--quiet",
+                          "--output", str(tmp_path / "c")], capture_output=True, text=True,
+                         env=dict(ENV, OMP_NUM_THREADS="1"), timeout=120)
+    assert two.returncode != 0
+    assert two.stderr.count("other settings") >= 2  # both ranks say why

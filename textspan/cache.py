@@ -347,12 +347,18 @@ def _build_distributed(model, preprocess, images, out: Path, settings: dict, *, 
                        quiet, world, rank) -> CacheResult:
     dist = torch.distributed
     t0 = time.time()
+    error = [None]
     if rank == 0:
-        old = read_manifest(out)
-        if old is not None and (overwrite or _describe_mismatch(old, settings)):
-            _prepare_folder(out, settings, overwrite)  # raises on mismatch unless overwrite
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        try:
+            old = read_manifest(out)
+            if old is not None and (overwrite or _describe_mismatch(old, settings)):
+                _prepare_folder(out, settings, overwrite)  # raises on mismatch unless overwrite
+            out.mkdir(parents=True, exist_ok=True)
+        except CacheMismatchError as exc:
+            error = [str(exc)]
+    dist.broadcast_object_list(error, src=0)  # every rank stops with rank 0's reason, none waits forever
+    if error[0] is not None:
+        raise CacheMismatchError(error[0])
     final = read_manifest(out)
     if final is not None and final.get("complete"):
         return CacheResult(out, final["rows_done"], final["failures"], final["next_index"], 0.0)
