@@ -123,15 +123,25 @@ def soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, ca
 
 def train(output, *, variant: str = "default", steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
           warmup: int = 300, weight_decay: float = 0.1, seed: int = 0, checkpoint_every: int = 50,
-          eval_every: int = 250, threads: Optional[int] = None) -> Path:
-    """Train (or resume) the shapes CLIP into `output`; returns the path of the last checkpoint."""
+          eval_every: int = 250, threads: Optional[int] = None, config: Optional[dict] = None,
+          stop_after: Optional[int] = None) -> Path:
+    """Train (or resume) the shapes CLIP into `output`; returns the path of the last checkpoint.
+
+    Args:
+        config: open_clip CLIP config dict (embed_dim, vision_cfg, text_cfg); default `builtin.default_config`.
+            The text vocabulary size is set from the world's tokenizer.
+        stop_after: stop (with a checkpoint) after this many steps in this call; rerun to continue. The schedule
+            always follows `steps`, so a resumed run equals an uninterrupted one.
+    """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     spurious = world.Spurious() if variant == "spurious" else None
-    model, tok = builtin.build_model(seed=seed)
-    config = builtin.default_config(tok.vocab_size)
+    vocab_size = builtin.WordTokenizer(world.vocabulary()).vocab_size
+    config = json.loads(json.dumps(config)) if config else builtin.default_config(vocab_size)
+    config["text_cfg"]["vocab_size"] = vocab_size
+    model, tok = builtin.build_model(config, seed=seed)
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     ckpt = out / "last.pt"
     step = 0
@@ -147,7 +157,8 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
     model.train()
     t_start = time.time()
     train_seed = world.SPLIT_SEEDS["train"] + seed
-    while step < steps:
+    last = steps if stop_after is None else min(steps, step + stop_after)
+    while step < last:
         t0 = time.time()
         images, captions, _ = world.batch(train_seed, step * batch_size, batch_size, spurious=spurious)
         x = builtin.preprocess_batch(images)
@@ -175,7 +186,7 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
             model.train()
         logf.write(json.dumps(line) + "\n")
         logf.flush()
-        if step % checkpoint_every == 0 or step == steps:
+        if step % checkpoint_every == 0 or step == last:
             tmp = out / "last.pt.tmp"
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "elapsed": time.time() - t_start}, tmp)
