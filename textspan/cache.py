@@ -166,11 +166,11 @@ def _write_image_list(path: Path, images: ImageList) -> None:
             f.write(f"{p}\t{y}\n")
 
 
-def _truncate_csv(path: Path, rows: int) -> None:
+def _truncate_csv(path: Path, rows: int, extra_columns=()) -> None:
     """Keep the header and the first `rows` data lines of images.csv (drops uncommitted rows after a kill)."""
     if not path.exists():
         with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(["row", "path", "label", "class_name"])
+            csv.writer(f).writerow(["row", "path", "label", "class_name", *extra_columns])
         return
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
@@ -214,7 +214,7 @@ def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, sett
                         next_index=0, failures=[], complete=False, arrays={a: [None, *s] for a, s in shapes.items()})
         writers = {a: NpyRows.create(out / f"{a}.npy", len(images), s, np_dtype) for a, s in shapes.items()}
         _write_image_list(out / "image_list.txt", images)
-        _truncate_csv(out / "images.csv", 0)
+        _truncate_csv(out / "images.csv", 0, list(images.extra))
         write_json_atomic(out / "manifest.json", manifest)
     else:
         if manifest.get("complete"):
@@ -248,7 +248,8 @@ def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, sett
                         writers[a].write(rows_done, v.float().cpu().numpy())
                     for k, idx in enumerate(indices):
                         y = images.labels[idx]
-                        rows_csv.writerow([rows_done + k, images.paths[idx], y, images.class_name(y)])
+                        rows_csv.writerow([rows_done + k, images.paths[idx], y, images.class_name(y)]
+                                          + [col[idx] for col in images.extra.values()])
                     csv_file.flush()
                     rows_done += len(indices)
                 for idx, err in bad:
@@ -389,9 +390,11 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
         writers[a] = NpyRows.create(out / f"{a}.npy", total, src.shape[1:], src.dtype)
     row = 0
     failures = []
+    with open(shard_dirs[0] / "images.csv", newline="") as g:
+        header = next(csv.reader(g))
     with open(out / "images.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "path", "label", "class_name"])
+        w.writerow(header)
         for d, m in zip(shard_dirs, manifests):
             n = m["rows_done"]
             for a in ARRAYS:

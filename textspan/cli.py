@@ -80,7 +80,9 @@ def main():
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader worker processes for decoding images.")
 @click.option("--overwrite", is_flag=True, help="replace a cache made with another model or settings.")
-def cache(images, model_name, pretrained, device, batch_size, quiet, output, dtype, num_workers, overwrite):
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Waterbirds-layout folders only: the split to cache (default: all rows).")
+def cache(images, model_name, pretrained, device, batch_size, quiet, output, dtype, num_workers, overwrite, split):
     """Decompose every image in IMAGES (a folder or a list file) and stream the head terms to a cache folder.
 
     Resumable: rerun the same command after an interruption. Under `torchrun --nproc_per_node K` the images are
@@ -95,7 +97,7 @@ def cache(images, model_name, pretrained, device, batch_size, quiet, output, dty
     t0 = time.time()
     world, rank, device = init_distributed(device or _default_device())
     try:
-        image_list = ImageList.from_path(images)
+        image_list = ImageList.from_path(images, split=split)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     model, preprocess, _ = _load(model_name, pretrained, device)

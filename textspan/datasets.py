@@ -13,9 +13,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -31,18 +31,22 @@ class ImageList:
     labels: List[int]
     classes: List[str]
     source: str = ""
+    extra: Dict[str, List[str]] = field(default_factory=dict)  # more images.csv columns (e.g. place, group)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, start: int, stop: int) -> "ImageList":
-        return ImageList(self.paths[start:stop], self.labels[start:stop], self.classes, self.source)
+        return ImageList(self.paths[start:stop], self.labels[start:stop], self.classes, self.source,
+                         {k: v[start:stop] for k, v in self.extra.items()})
 
     @property
     def digest(self) -> str:
         h = hashlib.sha256()
         for p, y in zip(self.paths, self.labels):
             h.update(f"{p}\t{y}\n".encode())
+        for k in sorted(self.extra):
+            h.update(("\t".join([k] + [str(v) for v in self.extra[k]]) + "\n").encode())
         return h.hexdigest()
 
     def class_name(self, label: int) -> str:
@@ -101,14 +105,60 @@ class ImageList:
         return cls(paths, labels, classes, source=str(list_file.resolve()))
 
     @classmethod
-    def from_path(cls, images: Union[str, os.PathLike]) -> "ImageList":
-        """A folder or a list file (see `from_folder`, `from_file`)."""
+    def from_waterbirds(cls, root: Union[str, os.PathLike], split: Optional[str] = None) -> "ImageList":
+        """The Waterbirds layout: ROOT/metadata.csv with img_filename, y (0 landbird, 1 waterbird), split (0 train,
+        1 val, 2 test) and place (0 land, 1 water). Adds the columns place, group ("landbird_on_water", ...) and
+        split. Missing or unreadable files are left in the list, to be reported and skipped by the cache."""
+        root = Path(root)
+        meta = root / "metadata.csv"
+        with open(meta, newline="") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"img_filename", "y", "split", "place"} - set(rows[0] if rows else {})
+        if missing:
+            raise ValueError(f"{meta}: not a Waterbirds metadata file (missing columns {sorted(missing)})")
+        if split is not None:
+            if split not in WATERBIRDS_SPLITS:
+                raise ValueError(f"split must be one of {list(WATERBIRDS_SPLITS)}; got {split!r}")
+            rows = [r for r in rows if int(r["split"]) == WATERBIRDS_SPLITS[split]]
+        if not rows:
+            raise ValueError(f"{meta}: no rows for split {split!r}")
+        names = {v: k for k, v in WATERBIRDS_SPLITS.items()}
+        y = [int(r["y"]) for r in rows]
+        place = [int(r["place"]) for r in rows]
+        extra = {"place": [WATERBIRDS_PLACES[p] for p in place],
+                 "group": [f"{WATERBIRDS_CLASSES[a]}_on_{WATERBIRDS_PLACES[p]}" for a, p in zip(y, place)],
+                 "split": [names[int(r["split"])] for r in rows]}
+        return cls([str((root / r["img_filename"]).resolve()) for r in rows], y, list(WATERBIRDS_CLASSES),
+                   source=f"{meta.resolve()}:{split or 'all'}", extra=extra)
+
+    @classmethod
+    def from_path(cls, images: Union[str, os.PathLike], split: Optional[str] = None) -> "ImageList":
+        """A folder (a Waterbirds-layout folder when it holds such a metadata.csv), or a list file."""
         p = Path(images)
+        if p.is_dir() and _is_waterbirds(p):
+            return cls.from_waterbirds(p, split)
+        if split is not None:
+            raise ValueError("--split applies to Waterbirds-layout folders (metadata.csv with img_filename, y, "
+                             "split, place)")
         if p.is_dir():
             return cls.from_folder(p)
         if p.is_file():
             return cls.from_file(p)
         raise FileNotFoundError(f"IMAGES must be a folder or a list file; not found: {images}")
+
+
+WATERBIRDS_SPLITS = {"train": 0, "val": 1, "test": 2}
+WATERBIRDS_CLASSES = ("landbird", "waterbird")
+WATERBIRDS_PLACES = ("land", "water")
+
+
+def _is_waterbirds(folder: Path) -> bool:
+    meta = folder / "metadata.csv"
+    if not meta.is_file():
+        return False
+    with open(meta, newline="") as f:
+        header = next(csv.reader(f), [])
+    return {"img_filename", "y", "split", "place"} <= set(header)
 
 
 def _is_int(s: str) -> bool:
