@@ -250,6 +250,45 @@ def shapes_world(n, seed, objects, spurious, output):
     click.echo(f"{n} images written to {out / 'images'}")
 
 
+@main.command("shapes-waterbirds")
+@click.option("--n-train", default=2000, show_default=True)
+@click.option("--n-val", default=1000, show_default=True)
+@click.option("--n-test", default=2000, show_default=True)
+@click.option("--correlation", default=0.95, show_default=True, help="label/background agreement in train and val.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+def shapes_waterbirds(n_train, n_val, n_test, correlation, output):
+    """A Waterbirds-layout dataset from the spurious shapes world: OUTPUT/metadata.csv (img_filename, y, split,
+    place, class_name) and OUTPUT/images/. Labels: circle (0) / square (1); place: land (0) / water (1); squares
+    go with water in train/val with probability CORRELATION; the test split has the four groups in equal numbers."""
+    import csv
+
+    from PIL import Image
+
+    from . import world
+    from .runinfo import write_run_json
+
+    t0 = time.time()
+    out = Path(output)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n, code in (("train", n_train, 0), ("val", n_val, 1), ("test", n_test, 2)):
+        spec = world.Spurious(correlation=correlation, balanced=(split == "test"))
+        for i in range(n):
+            s = world.sample(world.SPLIT_SEEDS[split], i, spurious=spec)
+            name = f"images/{split}_{i:06d}.png"
+            Image.fromarray(s.image).save(out / name)
+            rows.append({"img_filename": name, "y": s.labels["label"], "split": code,
+                         "place": int(s.labels["background"] == "water"),
+                         "class_name": world.SPURIOUS_CLASSES[int(s.labels["label"])]})
+    with open(out / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_run_json(out, "shapes-waterbirds", dict(n_train=n_train, n_val=n_val, n_test=n_test,
+                                                  correlation=correlation), started=t0)
+    click.echo(f"{len(rows)} images written to {out} (Waterbirds layout)")
+
+
 @main.command("eval-shapes")
 @click.option("--model", "model_name", default="shapes", show_default=True,
               type=click.Choice(["shapes", "shapes-spurious"]))
@@ -552,6 +591,258 @@ def retrieve(cache_dir, head_name, query, top, bottom, model_name, pretrained, d
     write_run_json(out, "retrieve", dict(cache=cache_dir, head=head_name, text=query, top=top, bottom=bottom),
                    model_fingerprint=cache.manifest["fingerprint"], started=t0)
     click.echo(f"top {len(order)} images for L{layer}H{head} / {query!r} -> {out / 'retrieval.png'}")
+
+
+def classifier_options(f):
+    @click.option("--classifier", "classifier_file", default=None, type=click.Path(exists=True, dir_okay=False),
+                  help="a [d_embed, classes] .npy zero-shot classifier (else built from --classes/--templates).")
+    @click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
+                  help="class names, one per line, in label order (default: the cache's classes).")
+    @click.option("--templates", default=None, type=click.Path(exists=True, dir_okay=False),
+                  help="prompt templates with '{}' (default: text_banks/templates.txt, or shapes_templates.txt for "
+                       "the built-in models).")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def _classifier(cache, classifier_file, classes, templates, model_name, pretrained, device):
+    """(W [d', C], class names) from a .npy or built with the cache's model."""
+    import numpy as np
+
+    from .text import BANK_DIR
+    from .zeroshot import build_classifier, read_lines, read_templates
+
+    classnames = read_lines(classes, "classes") if classes else list(cache.manifest.get("classes") or [])
+    if classifier_file:
+        W = np.load(classifier_file)
+        if W.ndim != 2 or W.shape[0] != cache.manifest["d_embed"]:
+            raise click.ClickException(f"{classifier_file}: expected [{cache.manifest['d_embed']}, classes], "
+                                       f"got {W.shape}")
+        return W.astype(np.float32), classnames or [str(i) for i in range(W.shape[1])]
+    if not classnames:
+        raise click.ClickException("the cache has no class names: give --classes or --classifier")
+    builtin_model = (model_name or cache.manifest["model"]) in ("shapes", "shapes-spurious")
+    tmpl = read_templates(templates or BANK_DIR / ("shapes_templates.txt" if builtin_model else "templates.txt"))
+    model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
+    try:
+        return build_classifier(model, tokenizer, classnames, tmpl), classnames
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _reference(cache, reference, same_set, seed=0):
+    """(term arrays for means, eval rows, ref rows, protocol): another cache, the set itself, or a seeded split."""
+    from .ablation import split_rows
+
+    if reference and same_set:
+        raise click.ClickException("--reference and --same-set exclude each other")
+    if reference:
+        ref = _open_cache(reference)
+        if ref.manifest["fingerprint"] != cache.manifest["fingerprint"]:
+            raise click.ClickException(f"--reference {reference} was made with another model")
+        return ref, None, None, f"means from {reference}"
+    if same_set:
+        return cache, None, None, "means from the evaluation set itself (published protocol)"
+    ref_rows, eval_rows = split_rows(len(cache), 0.5, seed)
+    return cache, eval_rows, ref_rows, f"means from a seeded half of the cache (seed {seed}), evaluated on the other"
+
+
+@main.command()
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
+@classifier_options
+@click.option("--reference", default=None, type=click.Path(exists=True, file_okay=False),
+              help="cache whose means replace ablated terms.")
+@click.option("--same-set", is_flag=True, help="take the means over the evaluation set itself (published protocol).")
+@click.option("--heads", "head_spec", default=None, help="a head set to compare with random sets: L3H1,L2H0,...")
+@click.option("--draws", default=5, show_default=True, help="random head sets drawn for the comparison.")
+@click.option("--seed", default=0, show_default=True)
+@cache_model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+def ablate(cache_dir, classifier_file, classes, templates, reference, same_set, head_spec, draws, seed, model_name,
+           pretrained, device, output):
+    """Mean-ablation experiments on a cache -> ablations.json, single_heads.csv, accumulated.csv and two plots."""
+    import csv
+
+    import numpy as np
+
+    from . import ablation
+    from .runinfo import write_run_json
+    from .span import parse_heads
+    from .visualize import head_heatmap, line_plot
+
+    _setup_logging(True)
+    t0 = time.time()
+    cache = _open_cache(cache_dir)
+    W, classnames = _classifier(cache, classifier_file, classes, templates, model_name, pretrained, device)
+    ref, eval_rows, ref_rows, protocol = _reference(cache, reference, same_set, seed)
+    labels = cache.labels if eval_rows is None else cache.labels[eval_rows]
+    t = ablation.term_logits(cache.heads, cache.cls_to_cls, cache.mlps, W, rows=eval_rows, ref_heads=ref.heads,
+                             ref_cls=ref.cls_to_cls, ref_mlps=ref.mlps, ref_rows=ref_rows)
+    res = ablation.standard_ablations(t, labels)
+    single = ablation.single_head_importance(t, labels)
+    res["single_heads"] = single.tolist()
+    res["protocol"] = protocol
+    res["n_evaluated"] = int(len(labels))
+    if head_spec:
+        try:
+            chosen = parse_heads(head_spec, t.head.shape[1], t.head.shape[2])
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        res["head_set"] = dict(heads=head_spec, **ablation.head_set_comparison(t, labels, chosen, draws, seed))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablations.json").write_text(json.dumps(res, indent=1))
+    with open(out / "single_heads.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "head", "accuracy", "drop"])
+        for l in range(single.shape[0]):
+            for h in range(single.shape[1]):
+                w.writerow([l, h, f"{single[l, h]:.3f}", f"{res['baseline'] - single[l, h]:.3f}"])
+    with open(out / "accumulated.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layers_ablated_up_to", "accuracy"])
+        for k, a in enumerate(res["accumulated"]):
+            w.writerow([k - 1, f"{a:.3f}"])
+    line_plot(list(range(-1, len(res["accumulated"]) - 1)), res["accumulated"], out / "accumulated.png",
+              xlabel="attention of layers 0..l mean-ablated (l = -1: none)", ylabel="zero-shot accuracy (%)",
+              hline=res["baseline"])
+    head_heatmap(res["baseline"] - single, out / "head_importance.png", title="accuracy drop when mean-ablated (pts)")
+    write_run_json(out, "ablate", dict(cache=cache_dir, reference=reference, same_set=same_set, heads=head_spec,
+                                       draws=draws, seed=seed), model_fingerprint=cache.manifest["fingerprint"],
+                   started=t0)
+    click.echo(f"baseline {res['baseline']:.2f}%  mlps {res['mlps']:.2f}%  cls_to_cls {res['cls_to_cls']:.2f}%  "
+               f"both {res['mlps_and_cls_to_cls']:.2f}%  ({protocol})")
+
+
+@main.command()
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
+@classifier_options
+@click.option("--reference", default=None, type=click.Path(exists=True, file_okay=False),
+              help="cache (e.g. the validation split) for the means and for choosing heads.")
+@click.option("--same-set", is_flag=True, help="take means over the evaluation set itself (published protocol).")
+@click.option("--labels", "label_col", default="label", show_default=True, help="images.csv column of labels.")
+@click.option("--groups", "group_col", default="group", show_default=True, help="images.csv column of groups.")
+@click.option("--spurious", "spurious_col", default="place", show_default=True,
+              help="images.csv column of the spurious attribute (for --select auto).")
+@click.option("--select", type=click.Choice(["explicit", "concept", "auto"]), default="auto", show_default=True)
+@click.option("--heads", "head_spec", default=None, help="explicit heads: L3H1,L2H0,...")
+@click.option("--concept", default="water, land, an object on water, an object on land",
+              show_default=True, help="comma-separated concept texts (--select concept).")
+@click.option("--n-heads", default=None, type=int, help="how many heads to choose (auto/concept).")
+@click.option("--threshold", default=None, type=float,
+              help="minimum score to choose a head (auto: correlation ratio; concept: variance fraction).")
+@click.option("--keep-last", default=4, show_default=True,
+              help="generic ablation: heads of all but the last N layers, and all MLP-type terms.")
+@click.option("--with-generic", is_flag=True, help="the saved classifier also applies the generic ablation.")
+@click.option("--draws", default=5, show_default=True, help="random head sets of the same size.")
+@click.option("--seed", default=0, show_default=True)
+@cache_model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+def debias(cache_dir, classifier_file, classes, templates, reference, same_set, label_col, group_col, spurious_col,
+           select, head_spec, concept, n_heads, threshold, keep_last, with_generic, draws, seed, model_name,
+           pretrained, device, output):
+    """Remove a spurious feature by mean-ablating the heads that encode it; report per-group, average and
+    worst-group accuracy before/after (against random heads, with/without generic ablations) and save a reusable
+    debiased classifier (debiased_classifier.json/.npz)."""
+    import csv
+
+    import numpy as np
+
+    from . import ablation, debias as db
+    from .runinfo import write_run_json
+    from .span import parse_heads
+    from .text import encode_texts
+
+    _setup_logging(True)
+    t0 = time.time()
+    cache = _open_cache(cache_dir)
+    W, classnames = _classifier(cache, classifier_file, classes, templates, model_name, pretrained, device)
+    ref, eval_rows, ref_rows, protocol = _reference(cache, reference, same_set, seed)
+    table = cache.images
+    for col in (label_col, group_col):
+        if col not in table.columns:
+            raise click.ClickException(f"{cache_dir}/images.csv has no column {col!r} (columns: {list(table.columns)})")
+    labels = table[label_col].to_numpy().astype(int)
+    groups = table[group_col].astype(str).to_numpy()
+    if eval_rows is not None:
+        labels, groups = labels[eval_rows], groups[eval_rows]
+    L, H = cache.manifest["n_layers"], cache.manifest["n_heads"]
+    scores = None
+    if select == "explicit":
+        if not head_spec:
+            raise click.ClickException("--select explicit needs --heads")
+        try:
+            chosen = parse_heads(head_spec, L, H)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        why = "given explicitly"
+    elif select == "auto":
+        ref_table = ref.images
+        if spurious_col not in ref_table.columns:
+            raise click.ClickException(f"the reference images.csv has no column {spurious_col!r}")
+        attr = ref_table[spurious_col].astype(str).to_numpy()
+        attr = attr if ref_rows is None else attr[ref_rows]
+        scores = db.head_scores_auto(ref.heads, attr, rows=ref_rows)
+        chosen = db.top_heads(scores, n_heads if n_heads or threshold is not None else 4, threshold)
+        why = f"largest correlation ratio of the head's outputs with {spurious_col!r} on the reference set"
+    else:
+        texts = [t.strip() for t in concept.split(",") if t.strip()]
+        model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
+        try:
+            emb = encode_texts(model, tokenizer, texts)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        scores = db.head_scores_concept(ref.heads, emb, rows=ref_rows)
+        chosen = db.top_heads(scores, n_heads if n_heads or threshold is not None else 4, threshold)
+        why = f"largest fraction of variance in the span of the concept texts {texts}"
+    if not chosen:
+        raise click.ClickException("no head was selected (lower --threshold?)")
+    t = ablation.term_logits(cache.heads, cache.cls_to_cls, cache.mlps, W, rows=eval_rows, ref_heads=ref.heads,
+                             ref_cls=ref.cls_to_cls, ref_mlps=ref.mlps, ref_rows=ref_rows)
+    generic = dict(layers=list(range(max(0, L - keep_last))), mlps=True)
+    metrics = lambda logits: db.group_metrics(logits.argmax(axis=1), labels, groups)  # noqa: E731
+    report = {"protocol": protocol, "heads": [f"L{l}H{h}" for l, h in chosen], "selection": select, "why": why,
+              "baseline": metrics(t.base), "heads_ablated": metrics(ablation.ablate_heads(t, chosen)),
+              "generic_ablated": metrics(ablation.ablate_heads(t, [], **generic)),
+              "heads_and_generic_ablated": metrics(ablation.ablate_heads(t, chosen, **generic)),
+              "generic": {"layers": generic["layers"], "mlps": True}}
+    for name, kw in (("random_heads", {}), ("random_heads_and_generic", generic)):
+        runs = [metrics(ablation.ablate_heads(t, s, **kw)) for s in
+                ablation.random_head_sets(L, H, len(chosen), draws, seed)]
+        report[name] = {"worst_group": [r["worst_group"] for r in runs], "average": [r["average"] for r in runs],
+                        "best_worst_group": max(r["worst_group"] for r in runs),
+                        "mean_worst_group": float(np.mean([r["worst_group"] for r in runs])),
+                        "mean_average": float(np.mean([r["average"] for r in runs]))}
+    if scores is not None:
+        report["scores"] = {f"L{l}H{h}": float(scores[l, h]) for l in range(L) for h in range(H)}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    clf = db.DebiasedClassifier.from_reference(
+        ref.heads if ref_rows is None else ref.heads[ref_rows], ref.mlps if ref_rows is None else ref.mlps[ref_rows],
+        W, classnames, chosen, cache.manifest["fingerprint"], layers=generic["layers"] if with_generic else (),
+        mlps=with_generic, model=cache.manifest["model"], pretrained=cache.manifest.get("pretrained"),
+        info={"selection": select, "why": why, "protocol": protocol})
+    clf.save(out)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    with open(out / "groups.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "group", "accuracy"])
+        for setting in ("baseline", "heads_ablated", "generic_ablated", "heads_and_generic_ablated"):
+            for g, a in report[setting]["per_group"].items():
+                w.writerow([setting, g, f"{a:.3f}"])
+            w.writerow([setting, "average", f"{report[setting]['average']:.3f}"])
+            w.writerow([setting, "worst_group", f"{report[setting]['worst_group']:.3f}"])
+    write_run_json(out, "debias", dict(cache=cache_dir, reference=reference, select=select, heads=head_spec,
+                                       concept=concept, n_heads=n_heads, threshold=threshold, keep_last=keep_last,
+                                       draws=draws, seed=seed), model_fingerprint=cache.manifest["fingerprint"],
+                   started=t0)
+    b, a = report["baseline"], report["heads_ablated"]
+    click.echo(f"heads {', '.join(report['heads'])} ({why})")
+    click.echo(f"worst-group {b['worst_group']:.1f}% -> {a['worst_group']:.1f}%, average {b['average']:.1f}% -> "
+               f"{a['average']:.1f}%; random heads: best worst-group {report['random_heads']['best_worst_group']:.1f}%")
 
 
 if __name__ == "__main__":  # pragma: no cover

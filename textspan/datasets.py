@@ -128,7 +128,12 @@ class ImageList:
         extra = {"place": [WATERBIRDS_PLACES[p] for p in place],
                  "group": [f"{WATERBIRDS_CLASSES[a]}_on_{WATERBIRDS_PLACES[p]}" for a, p in zip(y, place)],
                  "split": [names[int(r["split"])] for r in rows]}
-        return cls([str((root / r["img_filename"]).resolve()) for r in rows], y, list(WATERBIRDS_CLASSES),
+        classes = list(WATERBIRDS_CLASSES)
+        if "class_name" in rows[0]:  # a Waterbirds-layout set with other class names (e.g. the shapes testbed)
+            names = {int(r["y"]): r["class_name"] for r in rows}
+            classes = [names.get(i, WATERBIRDS_CLASSES[i]) for i in range(2)]
+            extra["group"] = [f"{classes[a]}_on_{WATERBIRDS_PLACES[p]}" for a, p in zip(y, place)]
+        return cls([str((root / r["img_filename"]).resolve()) for r in rows], y, classes,
                    source=f"{meta.resolve()}:{split or 'all'}", extra=extra)
 
     @classmethod

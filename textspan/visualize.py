@@ -31,3 +31,47 @@ def contact_sheet(items: List[Tuple[Image.Image, str]], path, title: str = "", t
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def line_plot(x, y, path, xlabel: str = "", ylabel: str = "", hline=None, label: str = ""):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(x, y, "o-", label=label or None)
+    if hline is not None:
+        ax.axhline(hline, color="k", ls="--", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def head_heatmap(values, path, title: str = ""):
+    """A layer x head grid of values (e.g. accuracy drops), heads named L{l}H{h} on the axes."""
+    import numpy as np
+
+    plt = _plt()
+    values = np.asarray(values)
+    L, H = values.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * H + 2), max(3, 0.3 * L + 1.5)))
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
