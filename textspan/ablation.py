@@ -16,7 +16,6 @@ protocol takes them from the evaluation set itself (`same_set=True`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,51 +32,73 @@ def _rows(a, rows: Optional[np.ndarray]) -> np.ndarray:
     return np.asarray(a if rows is None else a[rows])
 
 
-@dataclass
 class TermLogits:
-    """Per-term logits of an evaluation set and per-term mean logits of a reference set.
+    """The classifier's view of a cache: per-layer sums of head / CLS->CLS logits and the MLP logits of the
+    evaluation rows, and per-term mean logits of the reference rows.
 
-    head [n, L, H, C], cls [n, L, H, C], mlp [n, L+1, C] and their reference means (mean_head [L, H, C], ...).
-    Built layer by layer from memory-mapped caches, so only one layer's terms are in memory at a time.
+    Memory is O(n L C): single heads' logits are computed when needed, layer by layer and in chunks of images,
+    from the (memory-mapped) arrays, never all at once ([n, L, H, C] would be 15 GB for ImageNet on ViT-L).
     """
 
-    head: np.ndarray
-    cls: np.ndarray
-    mlp: np.ndarray
-    mean_head: np.ndarray
-    mean_cls: np.ndarray
-    mean_mlp: np.ndarray
+    def __init__(self, heads, cls_to_cls, mlps, classifier, rows=None, ref_heads=None, ref_cls=None, ref_mlps=None,
+                 ref_rows=None, chunk: int = 2048):
+        import torch
 
-    @property
-    def base(self) -> np.ndarray:
-        return self.head.sum(axis=(1, 2)) + self.mlp.sum(axis=1)
+        self._torch = torch
+        self.W = torch.from_numpy(np.ascontiguousarray(classifier, dtype=np.float32))
+        self.heads, self.cls_to_cls, self.rows, self.chunk = heads, cls_to_cls, rows, chunk
+        ref_heads = heads if ref_heads is None else ref_heads
+        ref_cls = cls_to_cls if ref_cls is None else ref_cls
+        ref_mlps = mlps if ref_mlps is None else ref_mlps
+        self.n_layers, self.n_heads = heads.shape[1], heads.shape[2]
+        self.n = heads.shape[0] if rows is None else len(rows)
+        L, H, C = self.n_layers, self.n_heads, self.W.shape[1]
+        self.layer_head = np.empty((self.n, L, C), np.float32)  # sum over heads of head logits, per layer
+        self.layer_cls = np.empty((self.n, L, C), np.float32)
+        self.mean_head = np.empty((L, H, C), np.float64)
+        self.mean_cls = np.empty((L, H, C), np.float64)
+        W64 = np.asarray(classifier, dtype=np.float64)
+        for l in range(L):
+            for src, out in ((heads, self.layer_head), (cls_to_cls, self.layer_cls)):
+                if src is None:  # no CLS->CLS terms given: CLS ablations are unavailable
+                    continue
+                for a, b in self._chunks():
+                    x = _rows(src[:, l], self._sel(a, b)).astype(np.float32)  # [chunk, H, d']
+                    out[a:b, l] = (torch.from_numpy(x.sum(axis=1)) @ self.W).numpy()
+            self.mean_head[l] = _rows(ref_heads[:, l], ref_rows).astype(np.float64).mean(axis=0) @ W64
+            if ref_cls is not None:
+                self.mean_cls[l] = _rows(ref_cls[:, l], ref_rows).astype(np.float64).mean(axis=0) @ W64
+        m = _rows(mlps, rows).astype(np.float32)
+        self.mlp = (torch.from_numpy(m.sum(axis=1)) @ self.W).numpy()  # [n, C]
+        self.mean_mlp = _rows(ref_mlps, ref_rows).astype(np.float64).mean(axis=0) @ W64  # [L+1, C]
+        self.base = self.layer_head.sum(axis=1, dtype=np.float64) + self.mlp
+
+    def _chunks(self):
+        return [(a, min(a + self.chunk, self.n)) for a in range(0, self.n, self.chunk)]
+
+    def _sel(self, a, b):
+        return slice(a, b) if self.rows is None else self.rows[a:b]
+
+    def head_logits(self, l: int, h: int, cls: bool = False) -> np.ndarray:
+        """[n, C]: the logits of one head's term (or of its CLS->CLS term)."""
+        src = self.cls_to_cls if cls else self.heads
+        out = np.empty((self.n, self.W.shape[1]), np.float32)
+        for a, b in self._chunks():
+            x = _rows(src[:, l, h], self._sel(a, b)).astype(np.float32)
+            out[a:b] = (self._torch.from_numpy(x) @ self.W).numpy()
+        return out
+
+    def layer_head_logits(self, l: int, a: int, b: int):
+        """[b - a, H, C] torch tensor: every head's logits of layer l for evaluation rows a..b."""
+        x = _rows(self.heads[:, l], self._sel(a, b)).astype(np.float32)
+        return (self._torch.from_numpy(x) @ self.W)
 
 
 def term_logits(heads, cls_to_cls, mlps, classifier: np.ndarray, rows: Optional[np.ndarray] = None,
                 ref_heads=None, ref_cls=None, ref_mlps=None, ref_rows: Optional[np.ndarray] = None) -> TermLogits:
-    """Project every term on the classifier. `rows`/`ref_rows` select evaluation/reference rows of the arrays;
+    """Project the terms on the classifier. `rows`/`ref_rows` select evaluation/reference rows of the arrays;
     `ref_*` default to the evaluation arrays (same cache, possibly other rows)."""
-    W = np.asarray(classifier, dtype=np.float32)
-    ref_heads = heads if ref_heads is None else ref_heads
-    ref_cls = cls_to_cls if ref_cls is None else ref_cls
-    ref_mlps = mlps if ref_mlps is None else ref_mlps
-    L, H = heads.shape[1], heads.shape[2]
-    n = heads.shape[0] if rows is None else len(rows)
-    C = W.shape[1]
-    head = np.empty((n, L, H, C), np.float32)
-    cls = np.empty((n, L, H, C), np.float32)
-    mean_head = np.empty((L, H, C), np.float64)
-    mean_cls = np.empty((L, H, C), np.float64)
-    for l in range(L):
-        for src, out, ref, mean in ((heads, head, ref_heads, mean_head), (cls_to_cls, cls, ref_cls, mean_cls)):
-            x = _rows(src[:, l], rows).astype(np.float32)  # [n, H, d']
-            out[:, l] = (x.reshape(-1, x.shape[-1]) @ W).reshape(n, H, C)
-            r = _rows(ref[:, l], ref_rows).astype(np.float64)
-            mean[l] = r.mean(axis=0) @ W
-    m = _rows(mlps, rows).astype(np.float32)
-    mlp = (m.reshape(-1, m.shape[-1]) @ W).reshape(n, -1, C)
-    mean_mlp = _rows(ref_mlps, ref_rows).astype(np.float64).mean(axis=0) @ W
-    return TermLogits(head, cls, mlp, mean_head, mean_cls, mean_mlp)
+    return TermLogits(heads, cls_to_cls, mlps, classifier, rows, ref_heads, ref_cls, ref_mlps, ref_rows)
 
 
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -90,37 +111,47 @@ def ablate_heads(t: TermLogits, heads: Iterable[Tuple[int, int]], *, layers: Seq
                  cls_layers: Sequence[int] = ()) -> np.ndarray:
     """Logits with the given heads, all heads of `layers`, the MLP-type terms (`mlps`) and the CLS->CLS terms of
     `cls_layers` mean-ablated. A head listed twice (or inside an ablated layer) is ablated once."""
-    logits = t.base.astype(np.float64)
-    chosen = {(l, h) for l, h in heads} | {(l, h) for l in layers for h in range(t.head.shape[2])}
-    for l, h in sorted(chosen):
-        logits += t.mean_head[l, h] - t.head[:, l, h]
+    logits = t.base.copy()
+    layers = sorted(set(int(l) for l in layers))
+    singles = sorted({(int(l), int(h)) for l, h in heads} - {(l, h) for l in layers for h in range(t.n_heads)})
+    for l in layers:
+        logits += t.mean_head[l].sum(axis=0) - t.layer_head[:, l]
+    for l, h in singles:
+        logits += t.mean_head[l, h] - t.head_logits(l, h)
+    chosen = set(singles) | {(l, h) for l in layers for h in range(t.n_heads)}
     for l in cls_layers:
-        for h in range(t.head.shape[2]):
-            if (l, h) not in chosen:  # the CLS->CLS term is part of an already-ablated head term
-                logits += t.mean_cls[l, h] - t.cls[:, l, h]
+        logits += t.mean_cls[l].sum(axis=0) - t.layer_cls[:, l]
+        for h in range(t.n_heads):
+            if (l, h) in chosen:  # the CLS->CLS term is part of an already-ablated head term: undo its swap
+                logits -= t.mean_cls[l, h] - t.head_logits(l, h, cls=True)
     if mlps:
-        logits += t.mean_mlp.sum(axis=0) - t.mlp.sum(axis=1)
+        logits += t.mean_mlp.sum(axis=0) - t.mlp
     return logits
 
 
 def single_head_importance(t: TermLogits, labels: np.ndarray) -> np.ndarray:
-    """[L, H]: accuracy (%) with each head alone mean-ablated (vectorised over images and classes)."""
+    """[L, H]: accuracy (%) with each head alone mean-ablated. Vectorised over the heads of a layer, in chunks of
+    images; each head's logits are made once and never kept."""
+    torch = t._torch
     labels = np.asarray(labels)
-    keep = labels >= 0
-    base = t.base[keep].astype(np.float32)
-    y = labels[keep]
-    L, H = t.head.shape[1:3]
-    acc = np.empty((L, H))
+    keep = torch.from_numpy(labels >= 0)
+    y = torch.from_numpy(labels.astype(np.int64))
+    L, H = t.n_layers, t.n_heads
+    correct = np.zeros((L, H))
+    base = torch.from_numpy(t.base.astype(np.float32))
     for l in range(L):
-        # [n, H, C]: base logits corrected by each head of the layer at once
-        corrected = base[:, None, :] - t.head[keep, l] + t.mean_head[l][None].astype(np.float32)
-        acc[l] = (corrected.argmax(axis=2) == y[:, None]).mean(axis=0) * 100
-    return acc
+        mean = torch.from_numpy(t.mean_head[l].astype(np.float32))  # [H, C]
+        for a, b in t._chunks():
+            corrected = t.layer_head_logits(l, a, b)  # [chunk, H, C]
+            corrected.neg_().add_(base[a:b, None]).add_(mean)
+            hit = (corrected.argmax(dim=2) == y[a:b, None]) & keep[a:b, None]
+            correct[l] += hit.sum(dim=0).numpy()
+    return correct / max(1, int(keep.sum())) * 100
 
 
 def standard_ablations(t: TermLogits, labels: np.ndarray) -> Dict:
     """baseline, mlps, cls_to_cls, mlps_and_cls_to_cls, per-layer cls_to_cls and the accumulated curve (%)."""
-    L = t.head.shape[1]
+    L = t.n_layers
     acc = lambda logits: accuracy_from_logits(logits, labels)  # noqa: E731
     out = {
         "baseline": acc(t.base),
@@ -144,7 +175,7 @@ def random_head_sets(n_layers: int, n_heads: int, size: int, draws: int, seed: i
 def head_set_comparison(t: TermLogits, labels: np.ndarray, chosen: Sequence[Tuple[int, int]], draws: int = 5,
                         seed: int = 0, **generic) -> Dict:
     """Accuracy with the chosen heads ablated against `draws` random sets of the same size (best and mean)."""
-    L, H = t.head.shape[1:3]
+    L, H = t.n_layers, t.n_heads
     chosen_acc = accuracy_from_logits(ablate_heads(t, chosen, **generic), labels)
     rand = [accuracy_from_logits(ablate_heads(t, s, **generic), labels)
             for s in random_head_sets(L, H, len(chosen), draws, seed)]
