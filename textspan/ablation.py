@@ -142,9 +142,12 @@ def single_head_importance(t: TermLogits, labels: np.ndarray) -> np.ndarray:
     for l in range(L):
         mean = torch.from_numpy(t.mean_head[l].astype(np.float32))  # [H, C]
         for a, b in t._chunks():
-            corrected = t.layer_head_logits(l, a, b)  # [chunk, H, C]
-            corrected.neg_().add_(base[a:b, None]).add_(mean)
-            hit = (corrected.argmax(dim=2) == y[a:b, None]) & keep[a:b, None]
+            x = torch.from_numpy(_rows(t.heads[:, l], t._sel(a, b)).astype(np.float32))  # [chunk, H, d']
+            # base - head @ W + mean, with the subtraction fused into the matrix product
+            offset = (base[a:b, None, :] + mean[None]).reshape(-1, mean.shape[1])  # [chunk * H, C]
+            corrected = torch.addmm(offset, x.reshape(-1, x.shape[-1]), t.W, alpha=-1.0)
+            pred = corrected.view(b - a, H, -1).argmax(dim=2)
+            hit = (pred == y[a:b, None]) & keep[a:b, None]
             correct[l] += hit.sum(dim=0).numpy()
     return correct / max(1, int(keep.sum())) * 100
 
