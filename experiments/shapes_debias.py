@@ -41,7 +41,7 @@ def main():
         for k in [int(x) for x in args.counts.split(",")]:
             res_dir = out / f"{select}-{k}"
             # validation run (choose k): means and evaluation on the validation split itself
-            run("debias", out / "val", "--same-set", "--select", select, "--n-heads", k, *model[:2], "-o",
+            run("debias", out / "val", "--same-set", "--select", select, "--n-heads", k, "-o",
                 res_dir / "val")
             run("debias", out / "test", "--reference", out / "val", "--select", select, "--n-heads", k, *model[:2],
                 "-o", res_dir)
