@@ -43,7 +43,7 @@ def main():
             # validation run (choose k): means and evaluation on the validation split itself
             run("debias", out / "val", "--same-set", "--select", select, "--n-heads", k, "-o",
                 res_dir / "val")
-            run("debias", out / "test", "--reference", out / "val", "--select", select, "--n-heads", k, *model[:2],
+            run("debias", out / "test", "--reference", out / "val", "--select", select, "--n-heads", k,
                 "-o", res_dir)
             rep = json.loads((res_dir / "report.json").read_text())
             val = json.loads((res_dir / "val" / "report.json").read_text())
