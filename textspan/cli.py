@@ -688,7 +688,7 @@ def ablate(cache_dir, classifier_file, classes, templates, reference, same_set, 
     res["n_evaluated"] = int(len(labels))
     if head_spec:
         try:
-            chosen = parse_heads(head_spec, t.head.shape[1], t.head.shape[2])
+            chosen = parse_heads(head_spec, t.n_layers, t.n_heads)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
         res["head_set"] = dict(heads=head_spec, **ablation.head_set_comparison(t, labels, chosen, draws, seed))

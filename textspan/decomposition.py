@@ -204,6 +204,114 @@ def _ls_gamma(ls, d_model, like):
     return g.to(like.dtype) if g is not None else torch.ones(d_model, dtype=like.dtype, device=like.device)
 
 
+def _layer_fold(block, gamma, proj, like):
+    """W_O (per head), layer scale, ln_post's gamma and the projection folded: ([head, d_head, d_embed], bias
+    [d_embed] of out_proj pushed through the same map)."""
+    p = _attention_parts(block)
+    n_heads = p["n_heads"]
+    d_model = p["w_out"].shape[0]
+    ls1 = _ls_gamma(block.ls_1, d_model, like)
+    w_out_t = p["w_out"].t().reshape(n_heads, d_model // n_heads, d_model)
+    fold = (w_out_t * (ls1 * gamma)) @ proj
+    if p["head_scale"] is not None:
+        fold = fold * p["head_scale"].reshape(n_heads, 1, 1)
+    bias = ((p["b_out"] * ls1 * gamma) @ proj) if p["b_out"] is not None else torch.zeros_like(proj[0])
+    return fold, bias
+
+
+@dataclass
+class Projection:
+    """The decomposition dotted with k directions (e.g. text embeddings), kept per source token.
+
+    Attributes:
+        tokens: [batch, token, k]: per source token, the selected heads' terms (summed over those heads and their
+            layers) dotted with each direction.
+        other_heads: [batch, k]: the unselected heads' terms (summed over tokens) dotted with the directions.
+        mlps: [batch, k]: the MLP-type terms (embedding term included) dotted with the directions.
+        norm: [batch], ||e||.
+    ``tokens.sum(1) + other_heads + mlps`` equals ``(e / ||e||) @ directions.T``.
+    """
+
+    tokens: torch.Tensor
+    other_heads: torch.Tensor
+    mlps: torch.Tensor
+    norm: torch.Tensor
+
+    def total(self) -> torch.Tensor:
+        return self.tokens.sum(dim=1) + self.other_heads + self.mlps
+
+
+def project(model, images: torch.Tensor, directions: torch.Tensor, heads=None) -> Projection:
+    """The spatial decomposition dotted with `directions` [k, d_embed], without making the [b, L, N, H, d'] terms.
+
+    Args:
+        heads: None (all heads) or a boolean mask [n_layers, n_heads] of the heads whose terms go to `tokens`.
+
+    Each layer costs one [b, H, N, d_head] x [H, d_head, k] product: for a few prompts this is far cheaper than the
+    full spatial decomposition.
+    """
+    check_decomposable(model)
+    visual = visual_of(model)
+    with torch.no_grad():
+        return _project(visual, images, directions, heads)
+
+
+def _project(visual, images, directions, heads_mask) -> Projection:
+    blocks = visual.transformer.resblocks
+    L = len(blocks)
+    H = blocks[0].attn.num_heads
+    d_model = visual.transformer.width
+    N = 1 + visual.grid_size[0] * visual.grid_size[1]
+    like = visual.conv1.weight
+    gamma, beta, proj, eps = _post_params(visual, d_model, like)
+    T = directions.to(device=like.device, dtype=like.dtype)  # [k, d_embed]
+    if T.ndim != 2 or T.shape[1] != proj.shape[1]:
+        raise ValueError(f"directions must be [k, {proj.shape[1]}] (the model's embedding width); got "
+                         f"{tuple(T.shape)}")
+    sel = torch.ones(L, H, dtype=torch.bool) if heads_mask is None else torch.as_tensor(heads_mask, dtype=torch.bool)
+    if tuple(sel.shape) != (L, H):
+        raise ValueError(f"heads mask must be [{L}, {H}]; got {tuple(sel.shape)}")
+    b, k = images.shape[0], T.shape[0]
+    K = 2 * L + 1
+    tokens = torch.zeros(b, N, k, dtype=like.dtype, device=like.device)
+    other = torch.zeros(b, k, dtype=like.dtype, device=like.device)
+    token_bias = torch.zeros(k, dtype=like.dtype, device=like.device)
+    mlps_raw = torch.zeros(b, d_model, dtype=like.dtype, device=like.device)
+    x_final = None
+    for item in _run(visual, images, keep_values=True):
+        if item[0] == "embed":
+            mlps_raw += item[1][:, 0]
+        elif item[0] == "layer":
+            l, st = item[1], item[2]
+            fold, bias = _layer_fold(blocks[l], gamma, proj, like)
+            fold_t = fold @ T.t()  # [H, d_head, k]
+            bias_t = bias @ T.t()  # [k]
+            on = sel[l].nonzero().flatten().tolist()
+            off = (~sel[l]).nonzero().flatten().tolist()
+            if on:
+                weighted = st.attn_cls[:, on].unsqueeze(-1) * st.values[:, on]  # [b, h, N, d_head]
+                tokens += torch.einsum("bhnd,hdk->bnk", weighted, fold_t[on])
+                token_bias += bias_t * (len(on) / (N * H))
+            if off:
+                other += torch.einsum("bhd,hdk->bk", st.o_cls[:, off], fold_t[off]) + bias_t * (len(off) / H)
+            mlps_raw += st.mlp_cls
+        else:
+            x_final = item[1]
+    r = x_final[:, 0]
+    mu = r.mean(dim=-1)
+    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + eps)
+    e = visual.ln_post(r)
+    e = e @ visual.proj if visual.proj is not None else e
+    norm = e.norm(dim=-1)
+    offset_t = ((beta - gamma * (mu / sigma)[:, None]) @ proj) @ T.t()  # [b, k]
+    scale = 1.0 / (sigma * norm)
+    n_on, n_off = int(sel.sum()), int((~sel).sum())
+    tokens = (tokens + token_bias) * scale[:, None, None] + (offset_t * (n_on / (K * N * H)) / norm[:, None])[:, None]
+    other = other * scale[:, None] + offset_t * (n_off / (K * H)) / norm[:, None]
+    mlps = ((mlps_raw * gamma) @ proj @ T.t()) * scale[:, None] + offset_t * ((L + 1) / K) / norm[:, None]
+    return Projection(tokens=tokens, other_heads=other, mlps=mlps, norm=norm)
+
+
 def decompose(model, images: torch.Tensor, spatial: bool = True) -> Decomposition:
     """Split the normalised image embeddings of a batch into per-(layer, head, token) and per-MLP terms.
 
@@ -257,15 +365,7 @@ def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
             mlps_raw[:, 0] = item[1][:, 0]
         elif item[0] == "layer":
             l, st = item[1], item[2]
-            block = blocks[l]
-            p = _attention_parts(block)
-            ls1 = _ls_gamma(block.ls_1, d_model, like)
-            # Fold W_O (per head), layer scale, ln_post's gamma and the projection: [head, d_head, d_embed].
-            w_out_t = p["w_out"].t().reshape(n_heads, d_head, d_model)
-            fold = (w_out_t * (ls1 * gamma)) @ proj
-            if p["head_scale"] is not None:
-                fold = fold * p["head_scale"].reshape(n_heads, 1, 1)
-            bias = ((p["b_out"] * ls1 * gamma) @ proj) if p["b_out"] is not None else torch.zeros_like(proj[0])
+            fold, bias = _layer_fold(blocks[l], gamma, proj, like)
             # Non-spatial: sum over tokens of A[0,m] v[m] is the attention output at CLS.
             heads_ns[:, l] = torch.einsum("bhd,hde->bhe", st.o_cls, fold) + bias / n_heads
             cls_cls[:, l] = torch.einsum("bhd,hde->bhe", st.attn_cls[:, :, 0, None] * st.values[:, :, 0], fold)
