@@ -845,5 +845,66 @@ def debias(cache_dir, classifier_file, classes, templates, reference, same_set, 
                f"{a['average']:.1f}%; random heads: best worst-group {report['random_heads']['best_worst_group']:.1f}%")
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@model_options
+@click.option("--prompts", "-p", multiple=True, help="a prompt (repeat for several).")
+@click.option("--heads", "head_spec", default=None, help="restrict to heads: L11H3,L10H1.")
+@click.option("--layers", default=None, help="restrict to layers: '-4:', '9,10'.")
+@click.option("--absolute", is_flag=True, help="raw maps instead of maps relative to the mean over prompts.")
+@click.option("--labels", "labels_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="label-heads output: one figure per labelled head with the maps of its top texts.")
+@click.option("--top", default=3, show_default=True, help="with --labels: texts per head.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, absolute, labels_dir, top, output):
+    """Per-prompt spatial maps from the decomposition: an overlay PNG per image and prompt, the raw maps (.npy) and
+    one grid PNG; with --labels, a figure per head for its top TextSpan texts."""
+    import numpy as np
+    import torch
+
+    from .datasets import load_rgb
+    from .heatmaps import heatmaps as make_maps
+    from .models import fingerprint
+    from .runinfo import write_run_json
+    from .text import encode_texts
+    from .visualize import overlay, overlay_grid
+
+    _setup_logging(True)
+    t0 = time.time()
+    if not prompts and not labels_dir:
+        raise click.ClickException("give --prompts and/or --labels")
+    model, preprocess, tokenizer = _load(model_name, pretrained, device or "cpu")
+    pil = [load_rgb(p) for p in images]
+    x = torch.stack([preprocess(im) for im in pil]).to(next(model.parameters()).device)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(p).stem for p in images]
+    shown = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]  # the maps live on the preprocessed frame
+    if prompts:
+        try:
+            T = torch.from_numpy(encode_texts(model, tokenizer, list(prompts)))
+            maps = make_maps(model, x, T, heads=head_spec, layers=layers, relative=not absolute).cpu().numpy()
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        np.save(out / "maps.npy", maps)
+        for i, name in enumerate(names):
+            for j, prompt in enumerate(prompts):
+                overlay(shown[i], maps[i, j]).save(out / f"{name}_{j:02d}.png")
+        overlay_grid(shown, maps, names, list(prompts), out / "grid.png",
+                     title=("relative " if not absolute else "") + "decomposition maps")
+    if labels_dir:
+        spec = json.loads((Path(labels_dir) / "heads.json").read_text())
+        for rec in spec["heads"]:
+            texts = [t["text"] for t in rec["texts"][:top]]
+            T = torch.from_numpy(encode_texts(model, tokenizer, texts))
+            m = make_maps(model, x, T, heads=rec["head"], relative=not absolute).cpu().numpy()
+            np.save(out / f"{rec['head']}.npy", m)
+            overlay_grid(shown, m, names, texts, out / f"{rec['head']}.png", title=f"{rec['head']}: top texts")
+    write_run_json(out, "heatmap", dict(images=list(images), model=model_name, pretrained=pretrained,
+                                        prompts=list(prompts), heads=head_spec, layers=layers, absolute=absolute,
+                                        labels=labels_dir), model_fingerprint=fingerprint(model), started=t0)
+    click.echo(f"maps written to {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -75,3 +75,62 @@ def head_heatmap(values, path, title: str = ""):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def upsample(maps, size):
+    """[..., g_h, g_w] -> [..., size_h, size_w], bilinear (align_corners=False)."""
+    import torch
+
+    t = torch.as_tensor(maps, dtype=torch.float32)
+    lead = t.shape[:-2]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    up = torch.nn.functional.interpolate(t.reshape(-1, 1, *t.shape[-2:]), size=size, mode="bilinear",
+                                         align_corners=False)
+    return up.reshape(*lead, *size)
+
+
+def overlay(image, heat, cmap: str = "jet", alpha: float = 0.5, vmin=None, vmax=None):
+    """A PIL image with a heat map (any [h, w] array, upsampled to the image) blended over it."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image as PILImage
+
+    img = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    h = upsample(heat, img.shape[:2]).numpy()
+    lo = float(h.min()) if vmin is None else vmin
+    hi = float(h.max()) if vmax is None else vmax
+    norm = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+    colour = colormaps[cmap](np.clip(norm, 0, 1))[..., :3]
+    out = (1 - alpha) * img + alpha * colour
+    return PILImage.fromarray((out * 255).astype(np.uint8))
+
+
+def overlay_grid(images, maps, row_labels, col_labels, path, title: str = "", cmap: str = "jet",
+                 shared_scale: bool = True):
+    """A grid figure: one row per image, one column per map (maps [n_images, n_cols, g, g]), with a colour bar."""
+    import numpy as np
+
+    plt = _plt()
+    maps = np.asarray(maps)
+    n, k = maps.shape[:2]
+    vmin, vmax = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
+    fig, axes = plt.subplots(n, k, figsize=(2.2 * k + 0.8, 2.2 * n + 0.4), squeeze=False)
+    for i in range(n):
+        img = np.asarray(images[i].convert("RGB"))
+        for j in range(k):
+            ax = axes[i, j]
+            ax.imshow(img)
+            up = upsample(maps[i, j], img.shape[:2]).numpy()
+            im = ax.imshow(up, cmap=cmap, alpha=0.5, vmin=vmin, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col_labels[j], fontsize=8)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
