@@ -1,0 +1,103 @@
+"""Zero-shot segmentation data: the ImageNet-segmentation .mat file, image/mask folders, and mask alignment.
+
+Masks are resized and cropped exactly as the model's preprocessing resizes and crops the image (nearest-neighbour
+for the mask), so a non-square image's mask stays aligned with its crop; the published code squashes the mask to a
+square instead, misaligning it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+
+NON_GEOMETRIC = ("ToTensor", "MaybeToTensor", "Normalize", "MaybeConvertMode", "ConvertImageDtype")
+
+
+def mask_transform(preprocess):
+    """A callable mapping a PIL mask through the geometric steps (Resize, CenterCrop) of `preprocess`, with
+    nearest-neighbour resizing. Raises ValueError for preprocessing it cannot mirror."""
+    from torchvision import transforms as T
+
+    steps = getattr(preprocess, "transforms", None)
+    if steps is None:
+        # textspan's built-in preprocess: a plain resize of the whole image to the model's size
+        from . import builtin
+
+        if preprocess is builtin.preprocess:
+            return lambda m: m.resize((builtin.world.SIZE, builtin.world.SIZE), Image.NEAREST)
+        raise ValueError("cannot align masks with this preprocess (no torchvision transforms list)")
+    geo = []
+    for t in steps:
+        if isinstance(t, T.Resize):
+            geo.append(T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size,
+                                antialias=False))
+        elif isinstance(t, T.CenterCrop):
+            geo.append(T.CenterCrop(t.size))
+        elif type(t).__name__ in NON_GEOMETRIC or type(t).__name__ == "function":
+            continue  # colour conversion, tensor conversion, normalisation
+        else:
+            raise ValueError(f"cannot align masks with the preprocessing step {type(t).__name__}")
+    return T.Compose(geo)
+
+
+def mask_array(mask_img: Image.Image) -> np.ndarray:
+    """Foreground = any non-zero value."""
+    return np.asarray(mask_img.convert("L")) > 0
+
+
+def iter_mat(path) -> Iterator[Tuple[int, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
+    """(index, RGB image, mask, error) for each entry of gtsegs_ijcv.mat (HDF5: object references under value/img
+    and value/gt). A broken entry yields its error instead of stopping the iteration."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        refs_img, refs_gt = f["value/img"], f["value/gt"]
+        for i in range(refs_img.shape[0]):
+            try:
+                img = np.array(f[refs_img[i, 0]]).transpose(2, 1, 0)  # stored as [3, W, H]
+                gt_ref = f[refs_gt[i, 0]]
+                gt = np.array(f[gt_ref[0, 0]] if gt_ref.dtype == h5py.ref_dtype else gt_ref).transpose(1, 0)
+                yield i, Image.fromarray(img.astype(np.uint8), "RGB"), gt > 0, None
+            except Exception as exc:  # report and go on
+                yield i, None, None, f"{type(exc).__name__}: {exc}"
+
+
+def iter_folder(folder) -> Iterator[Tuple[str, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
+    """(name, RGB image, mask, error) for FOLDER/images/** with masks at the same relative path (any extension
+    for the image, .png for the mask) under FOLDER/masks/."""
+    from .datasets import IMAGE_EXTENSIONS, load_rgb
+
+    root = Path(folder)
+    images = sorted(p for p in (root / "images").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(f"{folder}: expected images under {root / 'images'} and masks under {root / 'masks'}")
+    for p in images:
+        rel = p.relative_to(root / "images")
+        try:
+            mask_path = (root / "masks" / rel).with_suffix(".png")
+            with Image.open(mask_path) as m:
+                mask = mask_array(m)
+            yield str(rel), load_rgb(str(p)), mask, None
+        except Exception as exc:
+            yield str(rel), None, None, f"{type(exc).__name__}: {exc}"
+
+
+def write_mat(path, images: List[np.ndarray], masks: List[np.ndarray]) -> None:
+    """Write images [H, W, 3] uint8 and masks [H, W] in the gtsegs_ijcv.mat HDF5 layout (for tests and small
+    custom sets)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        grp = f.create_group("refs")
+        img_refs = f.create_dataset("value/img", (len(images), 1), dtype=h5py.ref_dtype)
+        gt_refs = f.create_dataset("value/gt", (len(images), 1), dtype=h5py.ref_dtype)
+        for i, (img, gt) in enumerate(zip(images, masks)):
+            d_img = grp.create_dataset(f"img{i}", data=np.asarray(img).transpose(2, 1, 0))
+            d_gt = grp.create_dataset(f"gt{i}", data=np.asarray(gt, dtype=np.uint8).transpose(1, 0))
+            inner = grp.create_dataset(f"gtref{i}", (1, 1), dtype=h5py.ref_dtype)
+            inner[0, 0] = d_gt.ref
+            img_refs[i, 0] = d_img.ref
+            gt_refs[i, 0] = inner.ref
