@@ -77,3 +77,23 @@ def test_heatmap_command(tmp_path):
     np.testing.assert_allclose(maps.sum(axis=1), 0, atol=1e-6)  # relative by default
     assert (tmp_path / "hm" / "grid.png").stat().st_size > 0 and len(list((tmp_path / "hm").glob("*_0*.png"))) == 4
     assert json.loads((tmp_path / "hm" / "run.json").read_text())["command"] == "heatmap"
+
+
+def test_cls_attention_rows(setup):
+    from textspan.decomposition import cls_attention
+
+    model, x, T = setup
+    a = cls_attention(model, x)
+    assert a.shape == (3, 2, 4, 17)
+    torch.testing.assert_close(a.sum(-1), torch.ones(3, 2, 4, dtype=a.dtype), rtol=0, atol=1e-12)
+    # layer 0 by hand from the stock weights
+    v = model.visual
+    with torch.no_grad():
+        z = v.ln_pre(torch.cat([v.class_embedding.expand(3, 1, -1), v.conv1(x).flatten(2).transpose(1, 2)], 1)
+                     + v.positional_embedding)
+        blk = v.transformer.resblocks[0]
+        q, k, _ = torch.nn.functional.linear(blk.ln_1(z), blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1)
+        q = q.view(3, 17, 4, 16).transpose(1, 2)
+        k = k.view(3, 17, 4, 16).transpose(1, 2)
+        ref = torch.softmax(q[:, :, 0:1] @ k.transpose(-1, -2) / 4.0, dim=-1)[:, :, 0]
+    torch.testing.assert_close(a[:, 0], ref, rtol=0, atol=1e-12)

@@ -408,3 +408,14 @@ def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
         spatial=spatial,
         grid_size=tuple(visual.grid_size),
     )
+
+
+def cls_attention(model, images: torch.Tensor) -> torch.Tensor:
+    """[batch, layer, head, token]: the CLS query's attention weights of every block (rows sum to 1)."""
+    check_decomposable(model)
+    rows = []
+    with torch.no_grad():
+        for item in _run(visual_of(model), images, keep_values=False):
+            if item[0] == "layer":
+                rows.append(item[2].attn_cls)
+    return torch.stack(rows, dim=1)
