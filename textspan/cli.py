@@ -466,7 +466,8 @@ def label_heads_cmd(cache_dir, bank, text_embeddings, n_texts, layers, rank, mod
 @click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
               help="class names, one per line, in label order (default: the cache's class folders).")
 @click.option("--templates", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="prompt templates with '{}' (default: text_banks/templates.txt).")
+              help="prompt templates with '{}' (default: text_banks/templates.txt; shapes_templates.txt for the "
+                   "built-in models).")
 @click.option("--n-texts", default="5,10,20,40,60", show_default=True, help="texts per head to try.")
 @click.option("--layers", default="-4:", show_default=True, help="the analysed layers.")
 @click.option("--rank", default=80, show_default=True)
@@ -494,11 +495,7 @@ def completeness(cache_dir, bank, text_embeddings, classes, templates, n_texts, 
     fp = cache.manifest["fingerprint"]
     model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
     emb, tb = _bank_embeddings(bank or "general", text_embeddings, model, tokenizer, fp)
-    classnames = read_lines(classes, "classes") if classes else cache.manifest.get("classes") or []
-    if not classnames:
-        raise click.ClickException("the cache has no class folders: give --classes")
-    tmpl = read_templates(templates or BANK_DIR / "templates.txt")
-    W = build_classifier(model, tokenizer, classnames, tmpl)
+    W, classnames = _classifier(cache, None, classes, templates, model_name, pretrained, device)
     ms = sorted({int(x) for x in n_texts.split(",")})
     chosen = span.parse_layers(layers, cache.manifest["n_layers"])
     results = span.label_heads(cache.heads, emb, tb.texts, chosen, n_texts=max(ms), rank=rank, progress=not quiet)
