@@ -461,7 +461,7 @@ def label_heads_cmd(cache_dir, bank, text_embeddings, n_texts, layers, rank, mod
 
 @main.command()
 @click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
-@click.option("--bank", default=None, help="text bank for TextSpan.")
+@click.option("--bank", default=None, help="text bank for TextSpan (default: general; shapes for built-in models).")
 @click.option("--text-embeddings", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
               help="class names, one per line, in label order (default: the cache's class folders).")
@@ -494,7 +494,8 @@ def completeness(cache_dir, bank, text_embeddings, classes, templates, n_texts, 
     cache = _open_cache(cache_dir)
     fp = cache.manifest["fingerprint"]
     model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
-    emb, tb = _bank_embeddings(bank or "general", text_embeddings, model, tokenizer, fp)
+    default_bank = "shapes" if (model_name or cache.manifest["model"]) in ("shapes", "shapes-spurious") else "general"
+    emb, tb = _bank_embeddings(bank or default_bank, text_embeddings, model, tokenizer, fp)
     W, classnames = _classifier(cache, None, classes, templates, model_name, pretrained, device)
     ms = sorted({int(x) for x in n_texts.split(",")})
     chosen = span.parse_layers(layers, cache.manifest["n_layers"])
