@@ -13,6 +13,7 @@ from .cache import CacheMismatchError, HeadCache, build_cache  # noqa: E402
 from .datasets import ImageList  # noqa: E402
 from .decomposition import Decomposition, Projection, decompose, forward_image, project  # noqa: E402
 from .heatmaps import heatmaps  # noqa: E402
+from .debias import DebiasedClassifier  # noqa: E402
 from .span import TextSpanResult, label_heads, text_span  # noqa: E402
 from .text import TextBank, bank_embeddings, encode_texts  # noqa: E402
 from .zeroshot import build_classifier  # noqa: E402
@@ -30,5 +31,5 @@ __all__ = [
     "CacheMismatchError", "Decomposition", "HeadCache", "ImageList", "ModelInfo", "UnsupportedModelError",
     "WeightsUnavailableError", "build_cache", "check_decomposable", "decompose", "fingerprint", "forward_image",
     "load_model", "model_info", "TextSpanResult", "label_heads", "text_span", "TextBank", "bank_embeddings",
-    "encode_texts", "build_classifier", "Projection", "project", "heatmaps",
+    "encode_texts", "build_classifier", "Projection", "project", "heatmaps", "DebiasedClassifier",
 ]
