@@ -5,7 +5,9 @@ independently, the correlation ratio (between-class over total variance of the h
 dimensions) of each true attribute says which attribute explains the head. A head *agrees* when the attribute
 named by its top text is the attribute with the largest correlation ratio. Printed: the per-head table, the agreement
 rate over specialised heads (largest ratio >= 0.5) and over all heads, and for colour and background: the heads whose
-top text names them against the heads whose outputs they explain (ratio >= 0.5).
+top text names them against the heads whose outputs they explain (ratio >= 0.5). By default only bank entries that
+name at most one attribute are used (the shapes bank also holds attribute pairs and whole captions), so that each
+label names one attribute.
 
     python experiments/shapes_label_purity.py [--model shapes] [--pretrained CKPT] [--n 2000] [--output DIR]
 """
@@ -38,6 +40,9 @@ def main():
     ap.add_argument("--n-texts", type=int, default=5)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--output", default=None)
+    ap.add_argument("--all-texts", action="store_true",
+                    help="use every bank entry (default: only entries naming at most one attribute, so that a "
+                         "label names one attribute and agreement is unambiguous)")
     args = ap.parse_args()
 
     model, _, tok = textspan.load_model(args.model, args.pretrained)
@@ -47,6 +52,8 @@ def main():
         heads.append(textspan.decompose(model, builtin.preprocess_batch(images[i:i + 250]), spatial=False).heads)
     heads = torch.cat(heads).numpy()  # [n, L, H, d']
     bank = TextBank.load(args.bank)
+    if not args.all_texts:
+        bank = TextBank([t for t in bank.texts if len(text_attributes(t)) <= 1], bank.source)
     emb = encode_texts(model, tok, bank.texts)
     n, L, H, d = heads.shape
     rows = []
@@ -64,7 +71,7 @@ def main():
                          "specialised": ratios[best] >= args.threshold})
     spec = [r for r in rows if r["specialised"]]
     summary = {
-        "n_images": n, "heads": len(rows), "specialised_heads": len(spec),
+        "n_images": n, "bank_texts": len(bank), "heads": len(rows), "specialised_heads": len(spec),
         "agreement_specialised": float(np.mean([r["agree"] for r in spec])) if spec else None,
         "agreement_all": float(np.mean([r["agree"] for r in rows])),
     }
