@@ -853,8 +853,10 @@ def debias(cache_dir, classifier_file, classes, templates, reference, same_set, 
 @click.option("--labels", "labels_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="label-heads output: one figure per labelled head with the maps of its top texts.")
 @click.option("--top", default=3, show_default=True, help="with --labels: texts per head.")
+@click.option("--panel-scale", is_flag=True, help="grid figures: each panel on its own colour scale.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
-def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, absolute, labels_dir, top, output):
+def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, absolute, labels_dir, top, panel_scale,
+            output):
     """Per-prompt spatial maps from the decomposition: an overlay PNG per image and prompt, the raw maps (.npy) and
     one grid PNG; with --labels, a figure per head for its top TextSpan texts."""
     import numpy as np
@@ -889,7 +891,7 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
             for j, prompt in enumerate(prompts):
                 overlay(shown[i], maps[i, j]).save(out / f"{name}_{j:02d}.png")
         overlay_grid(shown, maps, names, list(prompts), out / "grid.png",
-                     title=("relative " if not absolute else "") + "decomposition maps")
+                     title=("relative " if not absolute else "") + "decomposition maps", shared_scale=not panel_scale)
     if labels_dir:
         spec = json.loads((Path(labels_dir) / "heads.json").read_text())
         for rec in spec["heads"]:
@@ -897,7 +899,8 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
             T = torch.from_numpy(encode_texts(model, tokenizer, texts))
             m = make_maps(model, x, T, heads=rec["head"], relative=not absolute).cpu().numpy()
             np.save(out / f"{rec['head']}.npy", m)
-            overlay_grid(shown, m, names, texts, out / f"{rec['head']}.png", title=f"{rec['head']}: top texts")
+            overlay_grid(shown, m, names, texts, out / f"{rec['head']}.png", title=f"{rec['head']}: top texts",
+                         shared_scale=not panel_scale)
     write_run_json(out, "heatmap", dict(images=list(images), model=model_name, pretrained=pretrained,
                                         prompts=list(prompts), heads=head_spec, layers=layers, absolute=absolute,
                                         labels=labels_dir), model_fingerprint=fingerprint(model), started=t0)
