@@ -32,8 +32,7 @@ def mask_transform(preprocess):
     geo = []
     for t in steps:
         if isinstance(t, T.Resize):
-            geo.append(T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size,
-                                antialias=False))
+            geo.append(T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size))
         elif isinstance(t, T.CenterCrop):
             geo.append(T.CenterCrop(t.size))
         elif type(t).__name__ in NON_GEOMETRIC or type(t).__name__ == "function":
