@@ -70,12 +70,13 @@ def test_heatmap_command(tmp_path):
     assert r.invoke(main, ["shapes-world", "--n", "2", "-o", str(tmp_path / "w")]).exit_code == 0
     imgs = sorted(str(p) for p in (tmp_path / "w" / "images").rglob("*.png"))
     res = r.invoke(main, ["heatmap", *imgs, "--model", "shapes", "--pretrained", str(ckpt), "-p", "a red object",
-                          "-p", "a star", "--heads", "L3H1,L2H0", "-o", str(tmp_path / "hm")])
+                          "-p", "a star", "--heads", "L3H1,L2H0", "--head-grid", "-o", str(tmp_path / "hm")])
     assert res.exit_code == 0, res.output
     maps = np.load(tmp_path / "hm" / "maps.npy")
     assert maps.shape == (2, 2, 8, 8)
     np.testing.assert_allclose(maps.sum(axis=1), 0, atol=1e-6)  # relative by default
-    assert (tmp_path / "hm" / "grid.png").stat().st_size > 0 and len(list((tmp_path / "hm").glob("*_0*.png"))) == 4
+    assert (tmp_path / "hm" / "grid.png").stat().st_size > 0
+    assert len(list((tmp_path / "hm").glob("0*_0*.png"))) == 4 and len(list((tmp_path / "hm").glob("head_grid_*"))) == 2
     assert json.loads((tmp_path / "hm" / "run.json").read_text())["command"] == "heatmap"
 
 

@@ -854,9 +854,11 @@ def debias(cache_dir, classifier_file, classes, templates, reference, same_set, 
               help="label-heads output: one figure per labelled head with the maps of its top texts.")
 @click.option("--top", default=3, show_default=True, help="with --labels: texts per head.")
 @click.option("--panel-scale", is_flag=True, help="grid figures: each panel on its own colour scale.")
+@click.option("--head-grid", is_flag=True,
+              help="also one grid per prompt of images x heads (each listed head alone): head_grid_NN.png.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
 def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, absolute, labels_dir, top, panel_scale,
-            output):
+            head_grid, output):
     """Per-prompt spatial maps from the decomposition: an overlay PNG per image and prompt, the raw maps (.npy) and
     one grid PNG; with --labels, a figure per head for its top TextSpan texts."""
     import numpy as np
@@ -864,7 +866,7 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
 
     from .datasets import load_rgb
     from .heatmaps import heatmaps as make_maps
-    from .models import fingerprint
+    from .models import fingerprint, model_info
     from .runinfo import write_run_json
     from .text import encode_texts
     from .visualize import overlay, overlay_grid
@@ -892,6 +894,19 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
                 overlay(shown[i], maps[i, j]).save(out / f"{name}_{j:02d}.png")
         overlay_grid(shown, maps, names, list(prompts), out / "grid.png",
                      title=("relative " if not absolute else "") + "decomposition maps", shared_scale=not panel_scale)
+        if head_grid:
+            if not head_spec:
+                raise click.ClickException("--head-grid needs --heads")
+            from .span import parse_heads
+
+            info = model_info(model)
+            pairs = parse_heads(head_spec, info.n_layers, info.n_heads)
+            per_head = np.stack([make_maps(model, x, T, heads=[p], relative=not absolute).cpu().numpy()
+                                 for p in pairs], axis=2)  # [b, k, heads, g, g]
+            for j, prompt in enumerate(prompts):
+                overlay_grid(shown, per_head[:, j], names, [f"L{l}H{h}" for l, h in pairs],
+                             out / f"head_grid_{j:02d}.png", title=f"{prompt!r} per head",
+                             shared_scale=not panel_scale)
     if labels_dir:
         spec = json.loads((Path(labels_dir) / "heads.json").read_text())
         for rec in spec["heads"]:
