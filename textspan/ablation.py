@@ -32,6 +32,17 @@ def _rows(a, rows: Optional[np.ndarray]) -> np.ndarray:
     return np.asarray(a if rows is None else a[rows])
 
 
+def _mean(arr, layer: int, rows: Optional[np.ndarray], chunk: int = 4096) -> np.ndarray:
+    """[H, d'] float64 mean over rows of arr[:, layer], read in chunks (no float64 copy of the layer)."""
+    idx = np.arange(arr.shape[0]) if rows is None else np.asarray(rows)
+    total = np.zeros(arr.shape[2:], np.float64)
+    for a in range(0, len(idx), chunk):
+        sel = idx[a:a + chunk]
+        block = arr[int(sel[0]):int(sel[-1]) + 1, layer] if rows is None else arr[:, layer][sel]
+        total += np.asarray(block).sum(axis=0, dtype=np.float64)
+    return total / len(idx)
+
+
 class TermLogits:
     """The classifier's view of a cache: per-layer sums of head / CLS->CLS logits and the MLP logits of the
     evaluation rows, and per-term mean logits of the reference rows.
@@ -63,11 +74,11 @@ class TermLogits:
                 if src is None:  # no CLS->CLS terms given: CLS ablations are unavailable
                     continue
                 for a, b in self._chunks():
-                    x = _rows(src[:, l], self._sel(a, b)).astype(np.float32)  # [chunk, H, d']
-                    out[a:b, l] = (torch.from_numpy(x.sum(axis=1)) @ self.W).numpy()
-            self.mean_head[l] = _rows(ref_heads[:, l], ref_rows).astype(np.float64).mean(axis=0) @ W64
+                    x = _rows(src[:, l], self._sel(a, b))  # [chunk, H, d']
+                    out[a:b, l] = (torch.from_numpy(x.sum(axis=1, dtype=np.float32)) @ self.W).numpy()
+            self.mean_head[l] = _mean(ref_heads, l, ref_rows) @ W64
             if ref_cls is not None:
-                self.mean_cls[l] = _rows(ref_cls[:, l], ref_rows).astype(np.float64).mean(axis=0) @ W64
+                self.mean_cls[l] = _mean(ref_cls, l, ref_rows) @ W64
         m = _rows(mlps, rows).astype(np.float32)
         self.mlp = (torch.from_numpy(m.sum(axis=1)) @ self.W).numpy()  # [n, C]
         self.mean_mlp = _rows(ref_mlps, ref_rows).astype(np.float64).mean(axis=0) @ W64  # [L+1, C]
@@ -142,7 +153,7 @@ def single_head_importance(t: TermLogits, labels: np.ndarray) -> np.ndarray:
     for l in range(L):
         mean = torch.from_numpy(t.mean_head[l].astype(np.float32))  # [H, C]
         for a, b in t._chunks():
-            x = torch.from_numpy(_rows(t.heads[:, l], t._sel(a, b)).astype(np.float32))  # [chunk, H, d']
+            x = torch.from_numpy(np.ascontiguousarray(_rows(t.heads[:, l], t._sel(a, b)), dtype=np.float32))
             # base - head @ W + mean, with the subtraction fused into the matrix product
             offset = (base[a:b, None, :] + mean[None]).reshape(-1, mean.shape[1])  # [chunk * H, C]
             corrected = torch.addmm(offset, x.reshape(-1, x.shape[-1]), t.W, alpha=-1.0)
