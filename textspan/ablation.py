@@ -20,6 +20,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .zeroshot import accuracy_from_logits
+
 
 def split_rows(n: int, reference_fraction: float = 0.5, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """(reference rows, evaluation rows): a seeded random split of range(n)."""
@@ -99,23 +101,12 @@ class TermLogits:
             out[a:b] = (self._torch.from_numpy(x) @ self.W).numpy()
         return out
 
-    def layer_head_logits(self, l: int, a: int, b: int):
-        """[b - a, H, C] torch tensor: every head's logits of layer l for evaluation rows a..b."""
-        x = _rows(self.heads[:, l], self._sel(a, b)).astype(np.float32)
-        return (self._torch.from_numpy(x) @ self.W)
-
 
 def term_logits(heads, cls_to_cls, mlps, classifier: np.ndarray, rows: Optional[np.ndarray] = None,
                 ref_heads=None, ref_cls=None, ref_mlps=None, ref_rows: Optional[np.ndarray] = None) -> TermLogits:
     """Project the terms on the classifier. `rows`/`ref_rows` select evaluation/reference rows of the arrays;
     `ref_*` default to the evaluation arrays (same cache, possibly other rows)."""
     return TermLogits(heads, cls_to_cls, mlps, classifier, rows, ref_heads, ref_cls, ref_mlps, ref_rows)
-
-
-def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    return float((np.asarray(logits)[keep].argmax(axis=1) == labels[keep]).mean() * 100)
 
 
 def ablate_heads(t: TermLogits, heads: Iterable[Tuple[int, int]], *, layers: Sequence[int] = (), mlps: bool = False,

@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -371,7 +371,7 @@ def _build_distributed(model, preprocess, images, out: Path, settings: dict, *, 
                  progress_desc=f"caching (rank 0 of {world})")
     dist.barrier()
     if rank == 0:
-        result = merge_shards(out, [out / "shards" / f"rank{r}-of-{world}" for r in range(world)], settings)
+        merge_shards(out, [out / "shards" / f"rank{r}-of-{world}" for r in range(world)], settings)
     dist.barrier()
     m = read_manifest(out)
     return CacheResult(out, m["rows_done"], m["failures"], 0, time.time() - t0)

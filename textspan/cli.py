@@ -482,19 +482,15 @@ def completeness(cache_dir, bank, text_embeddings, classes, templates, n_texts, 
     mean-ablated), against the baseline, per number of texts -> completeness.csv, completeness.json, .png."""
     import csv
 
-    import numpy as np
-
     from . import span
     from .runinfo import write_run_json
-    from .text import BANK_DIR
-    from .zeroshot import build_classifier, read_lines, read_templates
 
     _setup_logging(quiet)
     t0 = time.time()
     cache = _open_cache(cache_dir)
     fp = cache.manifest["fingerprint"]
     model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
-    default_bank = "shapes" if (model_name or cache.manifest["model"]) in ("shapes", "shapes-spurious") else "general"
+    default_bank = "shapes" if _is_builtin(model_name or cache.manifest["model"]) else "general"
     emb, tb = _bank_embeddings(bank or default_bank, text_embeddings, model, tokenizer, fp)
     W, classnames = _classifier(cache, None, classes, templates, model_name, pretrained, device)
     ms = sorted({int(x) for x in n_texts.split(",")})
@@ -606,11 +602,23 @@ def classifier_options(f):
     return wrapper
 
 
+def _is_builtin(model_name) -> bool:
+    from .models import BUILTIN_MODELS
+
+    return model_name in BUILTIN_MODELS
+
+
+def _default_templates(model_name):
+    """text_banks/templates.txt, or the shapes-world templates for the built-in models."""
+    from .text import BANK_DIR
+
+    return BANK_DIR / ("shapes_templates.txt" if _is_builtin(model_name) else "templates.txt")
+
+
 def _classifier(cache, classifier_file, classes, templates, model_name, pretrained, device):
     """(W [d', C], class names) from a .npy or built with the cache's model."""
     import numpy as np
 
-    from .text import BANK_DIR
     from .zeroshot import build_classifier, read_lines, read_templates
 
     classnames = read_lines(classes, "classes") if classes else list(cache.manifest.get("classes") or [])
@@ -622,8 +630,7 @@ def _classifier(cache, classifier_file, classes, templates, model_name, pretrain
         return W.astype(np.float32), classnames or [str(i) for i in range(W.shape[1])]
     if not classnames:
         raise click.ClickException("the cache has no class names: give --classes or --classifier")
-    builtin_model = (model_name or cache.manifest["model"]) in ("shapes", "shapes-spurious")
-    tmpl = read_templates(templates or BANK_DIR / ("shapes_templates.txt" if builtin_model else "templates.txt"))
+    tmpl = read_templates(templates or _default_templates(model_name or cache.manifest["model"]))
     model, _, tokenizer = _model_for_cache(cache, model_name, pretrained, device)
     try:
         return build_classifier(model, tokenizer, classnames, tmpl), classnames
@@ -663,8 +670,6 @@ def ablate(cache_dir, classifier_file, classes, templates, reference, same_set, 
            pretrained, device, output):
     """Mean-ablation experiments on a cache -> ablations.json, single_heads.csv, accumulated.csv and two plots."""
     import csv
-
-    import numpy as np
 
     from . import ablation
     from .runinfo import write_run_json
@@ -948,11 +953,11 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     from tqdm.auto import tqdm
 
     from . import segmentation as seg
-    from .heatmaps import heatmaps as make_maps
+    from .decomposition import project
+    from .heatmaps import patch_maps
     from .metrics import normalise_map, segmentation_scores
-    from .models import fingerprint
+    from .models import fingerprint, model_info
     from .runinfo import write_run_json
-    from .text import BANK_DIR
     from .visualize import overlay, upsample
     from .zeroshot import build_classifier, read_lines, read_templates
 
@@ -967,10 +972,10 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
         if not classes:
             raise click.ClickException("give --classifier or --classes (and optionally --templates)")
         classnames = read_lines(classes, "classes")
-        builtin_model = model_name in ("shapes", "shapes-spurious")
-        tmpl = read_templates(templates or BANK_DIR / ("shapes_templates.txt" if builtin_model else "templates.txt"))
+        tmpl = read_templates(templates or _default_templates(model_name))
         W = build_classifier(model, tokenizer, classnames, tmpl)
     T = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))
+    grid = model_info(model).grid_size
     is_mat = Path(data).is_file()
     if target == "true" and is_mat:
         raise click.ClickException("--target true needs class sub-folders (folder data); the .mat has no labels")
@@ -981,10 +986,9 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
 
     def flush():
         x = torch.stack([preprocess(im) for _, im, _ in pending]).to(dev)
-        rel = make_maps(model, x, T, relative=False)  # [b, C, g, g]
-        with torch.no_grad():
-            logits = torch.einsum("bd,dc->bc", torch.nn.functional.normalize(
-                model.encode_image(x).float(), dim=-1), torch.from_numpy(W).float().to(dev))
+        p = project(model, x, T)  # one forward gives the maps and the zero-shot logits
+        rel = patch_maps(p, grid, relative=False)  # [b, C, g, g]
+        logits = p.total()  # (e / ||e||) @ W
         for k, (name, im, mask) in enumerate(pending):
             if target == "true":
                 cls = name.split("/")[0]

@@ -34,7 +34,7 @@ def head_scores_auto(heads, attribute: Sequence, rows: Optional[np.ndarray] = No
     L, H = heads.shape[1:3]
     out = np.empty((L, H))
     for l in range(L):
-        block = np.asarray(heads[:, l] if rows is None else heads[rows][:, l])
+        block = np.asarray(heads[:, l] if rows is None else heads[:, l][rows])
         for h in range(H):
             out[l, h] = correlation_ratio(block[:, h], attribute)
     return out
@@ -46,7 +46,7 @@ def head_scores_concept(heads, concept_embeddings: np.ndarray, rows: Optional[np
     L, H = heads.shape[1:3]
     out = np.empty((L, H))
     for l in range(L):
-        block = np.asarray(heads[:, l] if rows is None else heads[rows][:, l], dtype=np.float64)
+        block = np.asarray(heads[:, l] if rows is None else heads[:, l][rows], dtype=np.float64)
         for h in range(H):
             C = block[:, h] - block[:, h].mean(axis=0)
             total = float((C ** 2).sum())

@@ -25,7 +25,7 @@ Head-wise constants (W_O, layer scale, ln_post's gamma and the projection) are f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +188,19 @@ def _post_params(visual, d_model: int, like: torch.Tensor):
     return gamma.to(like.dtype), beta.to(like.dtype), proj.to(like.dtype), ln.eps
 
 
+def _linearised_ln_post(visual, x_final, gamma, beta, proj, eps):
+    """ln_post at CLS, frozen at the image's own statistics: (mu, sigma, e, ||e||, 1 / (sigma ||e||), offset), with
+    e the unnormalised embedding and offset [batch, d_embed] the mean/beta part, (beta - gamma mu / sigma) @ P."""
+    r = x_final[:, 0]  # [batch, d_model]
+    mu = r.mean(dim=-1)
+    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + eps)
+    e = visual.ln_post(r)
+    e = e @ visual.proj if visual.proj is not None else e
+    norm = e.norm(dim=-1)
+    offset = (beta - gamma * (mu / sigma)[:, None]) @ proj
+    return mu, sigma, e, norm, 1.0 / (sigma * norm), offset
+
+
 def forward_image(model, images: torch.Tensor) -> torch.Tensor:
     """[batch, d_embed]: the unnormalised image embedding from textspan's own forward (== ``encode_image``)."""
     with torch.no_grad():
@@ -297,14 +310,8 @@ def _project(visual, images, directions, heads_mask) -> Projection:
             mlps_raw += st.mlp_cls
         else:
             x_final = item[1]
-    r = x_final[:, 0]
-    mu = r.mean(dim=-1)
-    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + eps)
-    e = visual.ln_post(r)
-    e = e @ visual.proj if visual.proj is not None else e
-    norm = e.norm(dim=-1)
-    offset_t = ((beta - gamma * (mu / sigma)[:, None]) @ proj) @ T.t()  # [b, k]
-    scale = 1.0 / (sigma * norm)
+    mu, sigma, e, norm, scale, offset = _linearised_ln_post(visual, x_final, gamma, beta, proj, eps)
+    offset_t = offset @ T.t()  # [b, k]
     n_on, n_off = int(sel.sum()), int((~sel).sum())
     tokens = (tokens + token_bias) * scale[:, None, None] + (offset_t * (n_on / (K * N * H)) / norm[:, None])[:, None]
     other = other * scale[:, None] + offset_t * (n_off / (K * H)) / norm[:, None]
@@ -342,7 +349,6 @@ def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
     n_layers = len(blocks)
     n_heads = blocks[0].attn.num_heads
     d_model = visual.transformer.width
-    d_head = d_model // n_heads
     n_tokens = 1 + visual.grid_size[0] * visual.grid_size[1]
     like = visual.conv1.weight
     gamma, beta, proj, eps = _post_params(visual, d_model, like)
@@ -379,14 +385,7 @@ def _decompose(visual, images: torch.Tensor, spatial: bool) -> Decomposition:
         else:
             x_final = item[1]
 
-    r = x_final[:, 0]  # [batch, d_model]
-    mu = r.mean(dim=-1)
-    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + eps)
-    e = visual.ln_post(r)
-    e = e @ visual.proj if visual.proj is not None else e
-    norm = e.norm(dim=-1)
-    offset = (beta - gamma * (mu / sigma)[:, None]) @ proj  # [batch, d_embed]: the mean/beta part of ln_post
-    scale = (1.0 / (sigma * norm))  # [batch]
+    mu, sigma, e, norm, scale, offset = _linearised_ln_post(visual, x_final, gamma, beta, proj, eps)
 
     mlps = ((mlps_raw * gamma) @ proj) * scale[:, None, None] + (offset / (K * norm[:, None]))[:, None]
     heads_ns.mul_(scale[:, None, None, None]).add_((offset / (K * n_heads * norm[:, None]))[:, None, None])

@@ -53,8 +53,14 @@ def heatmaps(model, images: torch.Tensor, text_embeddings, heads: HeadsArg = Non
     """
     T = torch.as_tensor(text_embeddings)
     p = project(model, images, T, head_mask(model, heads, layers))
-    gh, gw = model_info(model).grid_size
-    maps = p.tokens[:, 1:].transpose(1, 2).reshape(images.shape[0], T.shape[0], gh, gw)
+    return patch_maps(p, model_info(model).grid_size, relative)
+
+
+def patch_maps(projection, grid_size, relative: bool = True) -> torch.Tensor:
+    """[b, k, grid_h, grid_w]: the patch tokens of a `Projection`, optionally relative to the mean over the k
+    directions. (`projection.total()` gives the image-direction similarities of the same forward pass.)"""
+    b, _, k = projection.tokens.shape
+    maps = projection.tokens[:, 1:].transpose(1, 2).reshape(b, k, *grid_size)
     if relative:
         maps = maps - maps.mean(dim=1, keepdim=True)
     return maps

@@ -208,7 +208,7 @@ def completeness(heads, mlps, embeddings, classifier: np.ndarray, labels: np.nda
     Returns {"baseline": %, "ablated_rest": % (analysed heads kept intact, the rest mean-ablated),
     "by_n_texts": {m: %}}.
     """
-    from .zeroshot import accuracy
+    from .zeroshot import accuracy, accuracy_from_logits
 
     ref_heads = heads if ref_heads is None else ref_heads
     ref_mlps = mlps if ref_mlps is None else ref_mlps
@@ -236,6 +236,6 @@ def completeness(heads, mlps, embeddings, classifier: np.ndarray, labels: np.nda
     labels = np.asarray(labels)
     return {
         "baseline": accuracy(np.asarray(embeddings, dtype=np.float64), W, labels),
-        "ablated_rest": accuracy(intact + const, np.eye(W.shape[1]), labels),
-        "by_n_texts": {m: accuracy(v + const, np.eye(W.shape[1]), labels) for m, v in by_m.items()},
+        "ablated_rest": accuracy_from_logits(intact + const, labels),
+        "by_n_texts": {m: accuracy_from_logits(v + const, labels) for m, v in by_m.items()},
     }

@@ -7,7 +7,7 @@ linear in the terms: replacing or ablating terms only changes a sum, never a for
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -39,11 +39,15 @@ def build_classifier(model, tokenizer, classnames: Sequence[str], templates: Seq
     return emb.T.astype(np.float32)
 
 
-def accuracy(embeddings: np.ndarray, classifier: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent of (embeddings @ classifier) against integer labels (rows with label < 0 skipped)."""
+def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent of the logits' argmax against integer labels (rows with label < 0 skipped)."""
     labels = np.asarray(labels)
     keep = labels >= 0
     if not keep.any():
         raise ValueError("no labelled images (every label is -1)")
-    pred = (np.asarray(embeddings)[keep] @ classifier).argmax(axis=1)
-    return float((pred == labels[keep]).mean() * 100)
+    return float((np.asarray(logits)[keep].argmax(axis=1) == labels[keep]).mean() * 100)
+
+
+def accuracy(embeddings: np.ndarray, classifier: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent of (embeddings @ classifier) against integer labels (rows with label < 0 skipped)."""
+    return accuracy_from_logits(np.asarray(embeddings) @ classifier, labels)
