@@ -5,6 +5,7 @@ Python API (see the README):
     model, preprocess, tokenizer = textspan.load_model("ViT-B-16", "laion2b_s34b_b88k")
     d = textspan.decompose(model, images)          # d.heads [b, L, N, H, d'], d.mlps [b, L+1, d']
     d.total()                                      # == encode_image(images) / ||.||
+    maps = textspan.explain(model, images, text_embeddings, method="legrad")   # [b, P, grid_h, grid_w]
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ from .cache import CacheMismatchError, HeadCache, build_cache  # noqa: E402
 from .datasets import ImageList  # noqa: E402
 from .decomposition import Decomposition, Projection, decompose, forward_image, project  # noqa: E402
 from .heatmaps import heatmaps  # noqa: E402
+from .methods import explain, get_method, list_methods, upsample_maps  # noqa: E402
 from .debias import DebiasedClassifier  # noqa: E402
 from .span import TextSpanResult, label_heads, text_span  # noqa: E402
 from .text import TextBank, bank_embeddings, encode_texts  # noqa: E402
@@ -32,4 +34,5 @@ __all__ = [
     "WeightsUnavailableError", "build_cache", "check_decomposable", "decompose", "fingerprint", "forward_image",
     "load_model", "model_info", "TextSpanResult", "label_heads", "text_span", "TextBank", "bank_embeddings",
     "encode_texts", "build_classifier", "Projection", "project", "heatmaps", "DebiasedClassifier",
+    "explain", "get_method", "list_methods", "upsample_maps",
 ]

@@ -146,30 +146,50 @@ def _block_forward(block, x: torch.Tensor, keep_values: bool):
     return x, _LayerState(o_cls=o_cls, attn_cls=attn_cls, values=v if keep_values else None, mlp_cls=mlp_out[:, 0])
 
 
-def _check_images(visual, images: torch.Tensor) -> None:
+def _check_images(visual, images: torch.Tensor, any_size: bool = False) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a preprocessed batch [batch, 3, height, width]; got {tuple(images.shape)}")
     expected = tuple(visual.image_size)
-    if tuple(images.shape[-2:]) != expected:
+    patch = tuple(visual.patch_size)
+    if any_size:
+        if images.shape[-2] < patch[0] or images.shape[-1] < patch[1]:
+            raise ValueError(f"images of {tuple(images.shape[-2:])} px are smaller than one {patch} patch")
+    elif tuple(images.shape[-2:]) != expected:
         raise ValueError(
             f"images are {tuple(images.shape[-2:])} px but the model expects {expected}; use the model's preprocess")
 
 
+def positional_embedding(visual, grid) -> torch.Tensor:
+    """[1 + gh * gw, d_model]: the model's positional embedding for a (gh, gw) patch grid. Other grids than the
+    model's own get the patch part resampled bicubically with antialiasing (timm's ``resample_abs_pos_embed``
+    convention, in float32); the model is not modified."""
+    pos = visual.positional_embedding
+    own = tuple(visual.grid_size)
+    grid = tuple(int(g) for g in grid)
+    if grid == own:
+        return pos
+    patch = pos[1:].float().reshape(1, own[0], own[1], -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+    return torch.cat([pos[:1], patch], dim=0)
+
+
 def _embed(visual, images: torch.Tensor) -> torch.Tensor:
     x = visual.conv1(images)  # [batch, d_model, grid_h, grid_w]
+    grid = x.shape[-2:]
     x = x.flatten(2).transpose(1, 2)  # [batch, grid tokens, d_model]
     cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + positional_embedding(visual, grid).to(x.dtype)
     return visual.ln_pre(x)  # [batch, token, d_model]
 
 
-def _run(model, images: torch.Tensor, keep_values: bool) -> Iterator:
+def _run(model, images: torch.Tensor, keep_values: bool, any_size: bool = False) -> Iterator:
     """Our forward over the stock weights: yields ("embed", z) then ("layer", l, state) per block, then ("out", r)."""
     check_decomposable(model)
     visual = visual_of(model)
     if visual.training and getattr(visual.patch_dropout, "prob", 0.0) > 0:
         raise ValueError("patch dropout is active in training mode: call model.eval() before decomposing")
-    _check_images(visual, images)
+    _check_images(visual, images, any_size)
     dtype = visual.conv1.weight.dtype
     x = _embed(visual, images.to(device=visual.conv1.weight.device, dtype=dtype))
     yield "embed", x
@@ -254,11 +274,12 @@ class Projection:
         return self.tokens.sum(dim=1) + self.other_heads + self.mlps
 
 
-def project(model, images: torch.Tensor, directions: torch.Tensor, heads=None) -> Projection:
+def project(model, images: torch.Tensor, directions: torch.Tensor, heads=None, any_size: bool = False) -> Projection:
     """The spatial decomposition dotted with `directions` [k, d_embed], without making the [b, L, N, H, d'] terms.
 
     Args:
         heads: None (all heads) or a boolean mask [n_layers, n_heads] of the heads whose terms go to `tokens`.
+        any_size: accept other image sizes than the model's (positional embeddings resampled to the grid).
 
     Each layer costs one [b, H, N, d_head] x [H, d_head, k] product: for a few prompts this is far cheaper than the
     full spatial decomposition.
@@ -266,15 +287,16 @@ def project(model, images: torch.Tensor, directions: torch.Tensor, heads=None) -
     check_decomposable(model)
     visual = visual_of(model)
     with torch.no_grad():
-        return _project(visual, images, directions, heads)
+        return _project(visual, images, directions, heads, any_size)
 
 
-def _project(visual, images, directions, heads_mask) -> Projection:
+def _project(visual, images, directions, heads_mask, any_size=False) -> Projection:
     blocks = visual.transformer.resblocks
     L = len(blocks)
     H = blocks[0].attn.num_heads
     d_model = visual.transformer.width
-    N = 1 + visual.grid_size[0] * visual.grid_size[1]
+    patch = visual.patch_size
+    N = 1 + (images.shape[-2] // patch[0]) * (images.shape[-1] // patch[1])
     like = visual.conv1.weight
     gamma, beta, proj, eps = _post_params(visual, d_model, like)
     T = directions.to(device=like.device, dtype=like.dtype)  # [k, d_embed]
@@ -291,7 +313,7 @@ def _project(visual, images, directions, heads_mask) -> Projection:
     token_bias = torch.zeros(k, dtype=like.dtype, device=like.device)
     mlps_raw = torch.zeros(b, d_model, dtype=like.dtype, device=like.device)
     x_final = None
-    for item in _run(visual, images, keep_values=True):
+    for item in _run(visual, images, keep_values=True, any_size=any_size):
         if item[0] == "embed":
             mlps_raw += item[1][:, 0]
         elif item[0] == "layer":

@@ -10,6 +10,7 @@ sees exactly the data an uninterrupted one would.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -124,7 +125,8 @@ def soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, ca
 def train(output, *, variant: str = "default", steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
           warmup: int = 300, weight_decay: float = 0.1, seed: int = 0, checkpoint_every: int = 50,
           eval_every: int = 250, threads: Optional[int] = None, config: Optional[dict] = None,
-          stop_after: Optional[int] = None) -> Path:
+          stop_after: Optional[int] = None, init: Optional[str] = None,
+          spurious_spec: Optional[dict] = None, snapshot_every: int = 0) -> Path:
     """Train (or resume) the shapes CLIP into `output`; returns the path of the last checkpoint.
 
     Args:
@@ -132,16 +134,27 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
             The text vocabulary size is set from the world's tokenizer.
         stop_after: stop (with a checkpoint) after this many steps in this call; rerun to continue. The schedule
             always follows `steps`, so a resumed run equals an uninterrupted one.
+        init: start from these weights instead of a random initialisation: a built-in variant name
+            ("default", "spurious") or a checkpoint path (fine-tuning; the architecture comes from it).
+        spurious_spec: fields of `world.Spurious` (correlation, background_named) for the spurious variant.
+        snapshot_every: also keep the model weights of every this-many steps as ``step{N}.pt``.
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    spurious = world.Spurious() if variant == "spurious" else None
-    vocab_size = builtin.WordTokenizer(world.vocabulary()).vocab_size
-    config = json.loads(json.dumps(config)) if config else builtin.default_config(vocab_size)
-    config["text_cfg"]["vocab_size"] = vocab_size
-    model, tok = builtin.build_model(config, seed=seed)
+    spurious = world.Spurious(**(spurious_spec or {})) if variant == "spurious" else None
+    if init is not None:
+        is_variant = init in ("default", "spurious")
+        model, _, tok = builtin.load_shapes_model(init if is_variant else "default",
+                                                  checkpoint=None if is_variant else init)
+        meta_file = builtin.checkpoint_paths(init)[1] if is_variant else Path(init).parent / "config.json"
+        config = json.loads(meta_file.read_text())["config"]
+    else:
+        vocab_size = builtin.WordTokenizer(world.vocabulary()).vocab_size
+        config = json.loads(json.dumps(config)) if config else builtin.default_config(vocab_size)
+        config["text_cfg"]["vocab_size"] = vocab_size
+        model, tok = builtin.build_model(config, seed=seed)
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     ckpt = out / "last.pt"
     step = 0
@@ -151,8 +164,9 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         log.info("resumed %s at step %d", out, step)
-    (out / "config.json").write_text(json.dumps(dict(config=config, vocab=tok.words, variant=variant, steps=steps,
-                                                     batch_size=batch_size, lr=lr, warmup=warmup, seed=seed)))
+    (out / "config.json").write_text(json.dumps(dict(
+        config=config, vocab=tok.words, variant=variant, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+        seed=seed, init=init, spurious=dataclasses.asdict(spurious) if spurious is not None else None)))
     logf = open(out / "train.log", "a")
     model.train()
     t_start = time.time()
@@ -191,5 +205,7 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "elapsed": time.time() - t_start}, tmp)
             os.replace(tmp, ckpt)
+        if snapshot_every and step % snapshot_every == 0:
+            torch.save({"model": model.state_dict(), "step": step}, out / f"step{step}.pt")
     logf.close()
     return ckpt

@@ -1,0 +1,317 @@
+"""Explainers: each method against a slow formula written here (per image, per prompt, plain autograd or the
+model's own attention weights), plus the contract every registered method keeps (shape, batching, determinism,
+the model left exactly as it was, also after a call that raised)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import textspan
+from textspan.methods import explain, list_methods, upsample_maps
+from textspan.methods._vit import embed
+
+from helpers import random_images, tiny_clip
+
+torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_clip(seed=3, layers=3).double()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(2, seed=5).double()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(7)
+    return F.normalize(torch.randn(3, 24, generator=g, dtype=torch.float64), dim=-1)
+
+
+# ---- slow reference forward: per image, heads in a loop, nothing shared with textspan -------------------------
+
+def slow_forward(model, img, single_head_last=False):
+    """One image [3, H, W] -> dict of per-block tensors in the autograd graph: x_in, A [H, N, N] (post-softmax),
+    o (attention output before out_proj, [N, D]), q/k/v full width [N, D], x_out; and e_hat (normalised embedding)."""
+    v_ = model.visual
+    x = v_.conv1(img[None])[0].flatten(1).t()  # [N-1, D]
+    x = torch.cat([v_.class_embedding[None], x]) + v_.positional_embedding
+    x = v_.ln_pre(x)
+    blocks = []
+    for i, blk in enumerate(v_.transformer.resblocks):
+        D = x.shape[-1]
+        H = blk.attn.num_heads
+        dh = D // H
+        h = blk.ln_1(x)
+        qkv = h @ blk.attn.in_proj_weight.t() + blk.attn.in_proj_bias
+        q, k, v = qkv[:, :D], qkv[:, D:2 * D], qkv[:, 2 * D:]
+        last = i == len(v_.transformer.resblocks) - 1
+        if single_head_last and last:
+            A = torch.softmax(q @ k.t() / D ** 0.5, dim=-1)[None]
+            o = A[0] @ v
+        else:
+            A = torch.stack([torch.softmax(q[:, j * dh:(j + 1) * dh] @ k[:, j * dh:(j + 1) * dh].t() / dh ** 0.5, -1)
+                             for j in range(H)])
+            o = torch.cat([A[j] @ v[:, j * dh:(j + 1) * dh] for j in range(H)], dim=-1)
+        y = x + o @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias
+        x_out = y + blk.mlp(blk.ln_2(y))
+        blocks.append(dict(x_in=x, A=A, o=o, q=q, k=k, v=v, x_out=x_out))
+        x = x_out
+    e = v_.ln_post(x[0]) @ v_.proj
+    return blocks, F.normalize(e, dim=-1)
+
+
+def test_slow_forward_is_the_model(model, images):
+    _, e = slow_forward(model, images[0])
+    want = F.normalize(model.encode_image(images[:1])[0], dim=-1)
+    assert torch.allclose(e, want, atol=1e-12)
+
+
+def grid(model):
+    return tuple(model.visual.grid_size)
+
+
+@pytest.mark.parametrize("layers", [None, "all", [0]])
+def test_legrad_matches_autograd(model, images, prompts, layers):
+    got = explain(model, images, prompts, method="legrad", layers=layers)
+    L = 3
+    chosen = {None: [1, 2], "all": [0, 1, 2]}.get(layers if not isinstance(layers, list) else None, None)
+    chosen = layers if isinstance(layers, list) else chosen
+    for b in range(images.shape[0]):
+        for p in range(prompts.shape[0]):
+            blocks, _ = slow_forward(model, images[b])
+            total = 0
+            for l in chosen:
+                feat = model.visual.ln_post(blocks[l]["x_out"].mean(0)) @ model.visual.proj
+                s = F.normalize(feat, dim=-1) @ prompts[p]
+                g = torch.autograd.grad(s, blocks[l]["A"], retain_graph=True)[0]  # [H, N, N]
+                total = total + g.clamp(min=0).mean(0).mean(0)[1:]
+            assert torch.allclose(got[b, p].flatten(), total, atol=1e-12), (b, p)
+    assert L == len(model.visual.transformer.resblocks)
+
+
+@pytest.mark.parametrize("single_head", [False, True])
+def test_gradeclip_matches_autograd(model, images, prompts, single_head):
+    got = explain(model, images, prompts, method="gradeclip", single_head=single_head)
+    for b in range(images.shape[0]):
+        blocks, e = slow_forward(model, images[b], single_head_last=single_head)
+        last = blocks[-1]
+        qn, kn = F.normalize(last["q"][0], dim=-1), F.normalize(last["k"][1:], dim=-1)
+        a = kn @ qn
+        a = (a - a.min()) / (a.max() - a.min())
+        for p in range(prompts.shape[0]):
+            g = torch.autograd.grad(e @ prompts[p], last["o"], retain_graph=True)[0][0]
+            want = F.relu((g * last["v"][1:] * a[:, None]).sum(-1))
+            assert torch.allclose(got[b, p].flatten(), want, atol=1e-12), (b, p)
+
+
+def test_gradeclip_default_keeps_the_models_output(model, images, prompts):
+    """Only the single-head reproduction mode changes the embedding the gradient is taken of."""
+    a = explain(model, images, prompts, method="gradeclip")
+    b = explain(model, images, prompts, method="gradeclip", single_head=True)
+    assert not torch.allclose(a, b)
+
+
+def test_gradcam_matches_autograd(model, images, prompts):
+    got = explain(model, images, prompts, method="gradcam")
+    for b in range(images.shape[0]):
+        blocks, e = slow_forward(model, images[b])
+        x_in = blocks[-1]["x_in"]
+        for p in range(prompts.shape[0]):
+            g = torch.autograd.grad(e @ prompts[p], x_in, retain_graph=True)[0]
+            want = F.relu((g.mean(0) * x_in[1:]).sum(-1))
+            assert torch.allclose(got[b, p].flatten(), want, atol=1e-12)
+
+
+def model_attention(model, images):
+    """[b, L, H, N, N] from the model's own nn.MultiheadAttention modules (need_weights)."""
+    v_ = model.visual
+    x = images
+    x = v_.conv1(x).flatten(2).transpose(1, 2)
+    x = torch.cat([v_.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v_.positional_embedding
+    x = v_.ln_pre(x)
+    out = []
+    with torch.no_grad():
+        for blk in v_.transformer.resblocks:
+            h = blk.ln_1(x)
+            _, w = blk.attn(h, h, h, need_weights=True, average_attn_weights=False)
+            out.append(w)
+            x = blk(x)
+    return torch.stack(out, dim=1)
+
+
+def test_rollout_is_the_matrix_product(model, images, prompts):
+    got = explain(model, images, prompts, method="rollout")
+    A = model_attention(model, images).mean(dim=2)  # [b, L, N, N]
+    N = A.shape[-1]
+    for b in range(images.shape[0]):
+        R = torch.eye(N, dtype=A.dtype)
+        for l in range(A.shape[1]):
+            M = 0.5 * A[b, l] + 0.5 * torch.eye(N, dtype=A.dtype)  # rows of A sum to 1
+            R = M @ R
+        for p in range(prompts.shape[0]):
+            assert torch.allclose(got[b, p].flatten(), R[0, 1:], atol=1e-12)
+
+
+def test_raw_attention_is_the_cls_row(model, images, prompts):
+    got = explain(model, images, prompts, method="raw_attention")
+    A = model_attention(model, images)[:, -1].mean(dim=1)  # [b, N, N]
+    for p in range(prompts.shape[0]):
+        assert torch.allclose(got[:, p].flatten(1), A[:, 0, 1:], atol=1e-12)
+
+
+@pytest.mark.parametrize("start_layer", [0, -1])
+def test_chefer_matches_autograd(model, images, prompts, start_layer):
+    got = explain(model, images, prompts, method="chefer", start_layer=start_layer)
+    for b in range(images.shape[0]):
+        for p in range(prompts.shape[0]):
+            blocks, e = slow_forward(model, images[b])
+            s = e @ prompts[p]
+            N = blocks[0]["A"].shape[-1]
+            R = torch.eye(N, dtype=torch.float64)
+            for l, blk in enumerate(blocks):
+                if l < start_layer % len(blocks):
+                    continue
+                g = torch.autograd.grad(s, blk["A"], retain_graph=True)[0]
+                cam = (g * blk["A"]).clamp(min=0).mean(0)
+                R = R + cam @ R
+            assert torch.allclose(got[b, p].flatten(), R[0, 1:], atol=1e-12), (b, p)
+
+
+def test_decomposition_method_is_the_heatmaps(model, images, prompts):
+    got = explain(model, images, prompts, method="decomposition", layers="-1:")
+    want = textspan.heatmaps(model, images, prompts, layers="-1:")
+    assert torch.allclose(got, want, atol=1e-12)
+    # and the maps are the direct contributions: summed over patches (absolute), plus the rest, the cosine
+    p = textspan.decomposition.project(model, images, prompts)
+    cos = F.normalize(model.encode_image(images), dim=-1) @ prompts.t()
+    assert torch.allclose(p.total(), cos, atol=1e-10)
+
+
+# ---- the contract of every method ------------------------------------------------------------------------------
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [m.training for m in model.modules()])
+
+
+def _hooks_and_rebinds(model):
+    found = []
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+            found.append(name)
+        if "forward" in vars(m):
+            found.append(name + ".forward")
+    for name, p in model.named_parameters():
+        if p._backward_hooks:
+            found.append(name)
+    return found
+
+
+def _same(model, snap, images):
+    state, flags, modes = snap
+    now = _snapshot(model)
+    assert state.keys() == now[0].keys()
+    assert all(torch.equal(state[k], now[0][k]) for k in state)
+    assert flags == now[1]
+    assert modes == now[2]
+    assert not _hooks_and_rebinds(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_contract(method, prompts):
+    model = tiny_clip(seed=11, layers=2)
+    # a mix of frozen and trainable parameters: the flags must come back as they were
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 2 == 0)
+    imgs = random_images(3, seed=2)
+    T = prompts.float()
+    snap = _snapshot(model)
+    before = model.encode_image(imgs).detach()
+    maps = explain(model, imgs, T, method=method)
+    assert maps.shape == (3, 3, 4, 4) and maps.dtype == torch.float32 and not maps.requires_grad
+    assert torch.isfinite(maps).all()
+    _same(model, snap, imgs)
+    assert torch.equal(model.encode_image(imgs).detach(), before)
+    # deterministic; batched == one image and one prompt at a time
+    assert torch.equal(explain(model, imgs, T, method=method), maps)
+    for b in range(3):
+        for p in range(3):
+            one = explain(model, imgs[b:b + 1], T[p:p + 1], method=method)
+            if method == "decomposition":  # relative maps depend on the prompt set
+                one = explain(model, imgs[b:b + 1], T, method=method)[:, p:p + 1]
+            assert torch.allclose(one[0, 0], maps[b, p], atol=1e-5, rtol=1e-4), (b, p)
+    # inputs not modified, works under no_grad, and in training mode
+    imgs_copy = imgs.clone()
+    with torch.no_grad():
+        again = explain(model, imgs, T, method=method)
+    assert torch.equal(imgs, imgs_copy) and torch.allclose(again, maps)
+    model.train()
+    snap_train = _snapshot(model)
+    explain(model, imgs, T, method=method)
+    _same(model, snap_train, imgs)
+    model.eval()
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_contract_after_a_raise(method):
+    model = tiny_clip(seed=11, layers=2)
+    snap = _snapshot(model)
+    imgs = random_images(2, seed=2)
+    with pytest.raises(ValueError):
+        explain(model, imgs, torch.randn(2, 5), method=method)  # wrong embedding width
+    bad = {"legrad": dict(layers=[7]), "chefer": dict(start_layer=9), "rollout": dict(start_layer=9),
+           "decomposition": dict(heads="L9H0")}
+    if method in bad:
+        with pytest.raises(ValueError):
+            explain(model, imgs, torch.randn(2, 24), method=method, **bad[method])
+    _same(model, snap, imgs)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_any_size_and_non_square(method):
+    model = tiny_clip(seed=11, layers=2)
+    imgs = random_images(2, size=48, seed=2)[:, :, :, :40]  # 48 x 40 px: a 6 x 5 grid on an 8 px patch
+    maps = explain(model, imgs, torch.randn(2, 24), method=method)
+    assert maps.shape == (2, 2, 6, 5) and torch.isfinite(maps).all()
+    assert tuple(model.visual.positional_embedding.shape) == (17, 64)  # not resized in place
+
+
+def test_positions_resample_like_timm():
+    from timm.layers import resample_abs_pos_embed
+
+    model = tiny_clip(seed=1)
+    v = model.visual
+    imgs = random_images(1, size=48, seed=0)[:, :, :, :40]
+    pos = resample_abs_pos_embed(v.positional_embedding[None], new_size=[6, 5], num_prefix_tokens=1,
+                                 interpolation="bicubic", antialias=True)[0]
+    x = v.conv1(imgs).flatten(2).transpose(1, 2)
+    want = v.ln_pre(torch.cat([v.class_embedding.view(1, 1, -1), x], dim=1) + pos)
+    assert torch.allclose(embed(v, imgs), want, atol=1e-6)
+    same = random_images(1, size=32, seed=0)
+    assert torch.equal(embed(v, same), textspan.decomposition._embed(v, same))
+
+
+def test_unknown_method_lists_the_known():
+    with pytest.raises(ValueError, match="legrad"):
+        explain(tiny_clip(), random_images(1), torch.randn(1, 24), method="nope")
+    assert list_methods() == ["decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention",
+                              "chefer"]
+
+
+def test_upsample_maps_by_hand():
+    maps = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # [1, 1, 2, 2]
+    up = upsample_maps(maps, 4)
+    # bilinear, align_corners=False, 2 -> 4: source coordinates (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25,
+    # clamped to [0, 1]: weights 0, 0.25, 0.75, 1 along each axis; the map is x + 2 y, then min-max to [0, 1]
+    w = torch.tensor([0.0, 0.25, 0.75, 1.0])
+    want = (w[None, :] + 2 * w[:, None]) / 3.0
+    assert torch.allclose(up[0, 0], want, atol=1e-6)
+    assert upsample_maps(torch.ones(2, 3, 4, 4), (8, 6)).shape == (2, 3, 8, 6)
+    assert torch.equal(upsample_maps(torch.ones(1, 1, 2, 2), 4), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError):
+        upsample_maps(torch.ones(4, 4), 8)

@@ -1,0 +1,84 @@
+"""Explainers under one API (DESIGN.md section 6): every method maps (model, images, text embeddings) to raw maps on
+the patch grid, [b, P, grid_h, grid_w], batched over images and prompts, on a stock open_clip ViT that it leaves
+exactly as it was.
+
+    >>> maps = textspan.explain(model, images, text_embeddings, method="legrad")      # [b, P, gh, gw]
+    >>> shown = textspan.upsample_maps(maps, 224)                                       # [b, P, 224, 224] in [0, 1]
+
+Methods register themselves by name (one small file each); `list_methods()` lists them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, List, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._vit import prepare, untouched
+
+_REGISTRY: Dict[str, Callable] = {}
+_MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer")
+
+
+def register(name: str):
+    """Decorator: register `fn(visual, images, T, **options) -> [b, P, gh, gw]` under `name` (`explain` checks the
+    inputs, moves them to the model's device and dtype, and guards the model around the call)."""
+    def wrap(fn):
+        _REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+def _load_all() -> None:
+    for m in _MODULES:
+        importlib.import_module(f"{__name__}.{m}")
+
+
+def list_methods() -> List[str]:
+    """Names of the registered explainers, in a fixed order."""
+    _load_all()
+    return [m for m in _MODULES if m in _REGISTRY] + sorted(set(_REGISTRY) - set(_MODULES))
+
+
+def get_method(name: str) -> Callable:
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown explainer {name!r}; known: {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
+def explain(model, images: torch.Tensor, text_embeddings, method: str = "legrad", **options) -> torch.Tensor:
+    """Raw explanation maps of `method` for every image and prompt.
+
+    Args:
+        model: a stock open_clip CLIP model (or its ``.visual``) with a ViT image tower.
+        images: [b, 3, H, W] preprocessed; any size the positional embeddings can be resampled to (non-square
+            grids included).
+        text_embeddings: [P, d_embed] prompt embeddings, used as given (pass normalised text features).
+        method: one of `list_methods()`.
+        **options: the method's own options (see each method's docstring).
+
+    Returns:
+        [b, P, grid_h, grid_w] float maps on the patch grid, before any upsampling or normalisation, detached.
+        The model's parameters, requires_grad flags and training flags are as before, also when the call raises.
+    """
+    fn = get_method(method)
+    with untouched(model):
+        visual, images, T = prepare(model, images, text_embeddings)
+        maps = fn(visual, images, T, **options)
+    return maps.detach()
+
+
+def upsample_maps(maps: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """[b, P, gh, gw] -> [b, P, size, size] (or the (height, width) given): bilinear upsampling
+    (align_corners=False), then min-max normalisation of each map to [0, 1] (a constant map becomes 0)."""
+    if maps.ndim != 4:
+        raise ValueError(f"maps must be [b, P, grid_h, grid_w]; got {tuple(maps.shape)}")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    up = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+    lo = up.amin(dim=(-2, -1), keepdim=True)
+    hi = up.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (up - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(up))

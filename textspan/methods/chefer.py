@@ -1,0 +1,57 @@
+"""Chefer, Gur and Wolf (ICCV 2021), generic attention-model explainability, for the image tower: R = I; for each
+block l from `start_layer`, R <- R + mean_heads(ReLU(dS/dA_l * A_l)) @ R, with A_l the post-softmax attention and S
+the image-text cosine; the map is R's CLS row over the patches.
+
+dS/dA_l is the full derivative through every later block (attention included): the forward adds a zero tensor to
+each block's probabilities and the gradients are taken with respect to those, for all prompts in one batched
+backward (chunked over prompts to bound memory)."""
+from __future__ import annotations
+
+import torch
+
+from . import register
+from ._vit import block_forward, embed, grid_of, patch_columns, pooled_embedding, prompt_cotangents, _fast_block
+
+_CHUNK_ELEMENTS = 1 << 27
+
+
+@register("chefer")
+def chefer(visual, images, T, start_layer: int = 0):
+    """Options: start_layer (default 0, all blocks; -1 is the last block only, the CLIP notebook's image default)."""
+    blocks = visual.transformer.resblocks
+    L = len(blocks)
+    if not -L <= start_layer < L:
+        raise ValueError(f"start_layer {start_layer} is out of range for a {L}-block model")
+    start = start_layer % L
+    b, P = images.shape[0], T.shape[0]
+    with torch.no_grad():
+        x0 = embed(visual, images)
+        for block in blocks[:start]:
+            x0 = _fast_block(block, x0)
+        N = x0.shape[1]
+        H = blocks[0].attn.num_heads
+        zeros = tuple(torch.zeros(b, H, N, N, dtype=x0.dtype, device=x0.device) for _ in range(start, L))
+    probs = []
+
+    def embedding(*deltas):
+        x = x0
+        for block, delta in zip(blocks[start:], deltas):
+            t = block_forward(block, x, delta)
+            probs.append(t.probs.detach())
+            x = t.x_out
+        return pooled_embedding(visual, x[:, 0])
+
+    _, vjp_fn = torch.func.vjp(embedding, *zeros)
+    cot = prompt_cotangents(T, b)
+    step = max(1, _CHUNK_ELEMENTS // max(1, (L - start) * b * H * N * N))
+    eye = torch.eye(N, dtype=x0.dtype, device=x0.device)
+    out = torch.empty(b, P, N, dtype=x0.dtype, device=x0.device)
+    with torch.no_grad():
+        for s in range(0, P, step):
+            grads = torch.func.vmap(vjp_fn)(cot[s:s + step])  # per block: [p, b, H, N, N]
+            R = eye.expand(grads[0].shape[0], b, N, N)
+            for A, g in zip(probs, grads):
+                cam = (g * A).clamp(min=0).mean(dim=2)  # [p, b, N, N]
+                R = R + cam @ R
+            out[:, s:s + step] = R[:, :, 0].transpose(0, 1)
+    return patch_columns(out, grid_of(visual, images))

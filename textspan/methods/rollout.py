@@ -1,0 +1,32 @@
+"""Attention rollout (Abnar and Zuidema 2020): per block, the head-averaged attention plus the identity, rows
+renormalised; multiplied through the blocks (R = A_L ... A_s); the map is R's CLS row over the patches. Prompt-
+independent: the same map for every prompt."""
+from __future__ import annotations
+
+import torch
+
+from . import register
+from ._vit import attention_probs, embed, grid_of, patch_columns, qkv, after_heads, after_mlp, merge_heads
+
+
+@register("rollout")
+def rollout(visual, images, T, start_layer: int = 0):
+    """Options: start_layer (default 0; negative counts from the end): the first block taken into the product."""
+    blocks = visual.transformer.resblocks
+    L = len(blocks)
+    if not -L <= start_layer < L:
+        raise ValueError(f"start_layer {start_layer} is out of range for a {L}-block model")
+    start = start_layer % L
+    with torch.no_grad():
+        x = embed(visual, images)
+        R = None
+        for l, block in enumerate(blocks):
+            q, k, v = qkv(block, x)
+            probs = attention_probs(block, q, k)  # [b, H, N, N]
+            if l >= start:
+                A = probs.mean(dim=1) + torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+                A = A / A.sum(dim=-1, keepdim=True)
+                R = A if R is None else A @ R
+            x = after_mlp(block, after_heads(block, x, merge_heads(block, probs @ v)))
+    maps = patch_columns(R[:, 0], grid_of(visual, images))
+    return maps[:, None].expand(-1, T.shape[0], -1, -1).contiguous()
