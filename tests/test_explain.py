@@ -14,9 +14,16 @@ from helpers import random_images, tiny_clip
 torch.set_default_dtype(torch.float32)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_clip(seed=3, layers=3).double()
+@pytest.fixture(scope="module", params=["plain", "layer_scale"])
+def model(request):
+    ls = 0.7 if request.param == "layer_scale" else None
+    m = tiny_clip(seed=3, layers=3, ls_init_value=ls).double()
+    if ls is not None:  # make the layer-scale vectors non-uniform
+        with torch.no_grad():
+            for blk in m.visual.transformer.resblocks:
+                blk.ls_1.gamma.uniform_(0.3, 1.2)
+                blk.ls_2.gamma.uniform_(0.3, 1.2)
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +62,8 @@ def slow_forward(model, img, single_head_last=False):
             A = torch.stack([torch.softmax(q[:, j * dh:(j + 1) * dh] @ k[:, j * dh:(j + 1) * dh].t() / dh ** 0.5, -1)
                              for j in range(H)])
             o = torch.cat([A[j] @ v[:, j * dh:(j + 1) * dh] for j in range(H)], dim=-1)
-        y = x + o @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias
-        x_out = y + blk.mlp(blk.ln_2(y))
+        y = x + blk.ls_1(o @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias)
+        x_out = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
         blocks.append(dict(x_in=x, A=A, o=o, q=q, k=k, v=v, x_out=x_out))
         x = x_out
     e = v_.ln_post(x[0]) @ v_.proj
@@ -294,6 +301,19 @@ def test_positions_resample_like_timm():
     assert torch.allclose(embed(v, imgs), want, atol=1e-6)
     same = random_images(1, size=32, seed=0)
     assert torch.equal(embed(v, same), textspan.decomposition._embed(v, same))
+
+
+def test_legrad_fast_tail_equals_autograd(model, images):
+    """LeGrad's hand-written MLP/LayerNorm backward equals torch.func on the same block."""
+    from textspan.methods._vit import after_mlp, batched_vjp, trace
+    from textspan.methods.legrad import _MeanTail
+
+    t = trace(model.visual, images, [1])[1]
+    cot = torch.randn(4, images.shape[0], t.y.shape[-1], dtype=t.y.dtype)
+    tail = _MeanTail(model.visual.transformer.resblocks[1], t.y)
+    assert tail.fast
+    want = batched_vjp(lambda v: after_mlp(model.visual.transformer.resblocks[1], v).mean(dim=1), t.y, cot)
+    assert torch.allclose(tail.vjp(cot), want, atol=1e-12)
 
 
 def test_unknown_method_lists_the_known():

@@ -313,14 +313,14 @@ def _project(visual, images, directions, heads_mask, any_size=False) -> Projecti
     token_bias = torch.zeros(k, dtype=like.dtype, device=like.device)
     mlps_raw = torch.zeros(b, d_model, dtype=like.dtype, device=like.device)
     x_final = None
+    proj_t = proj @ T.t()  # [d_model, k]
     for item in _run(visual, images, keep_values=True, any_size=any_size):
         if item[0] == "embed":
             mlps_raw += item[1][:, 0]
         elif item[0] == "layer":
             l, st = item[1], item[2]
-            fold, bias = _layer_fold(blocks[l], gamma, proj, like)
-            fold_t = fold @ T.t()  # [H, d_head, k]
-            bias_t = bias @ T.t()  # [k]
+            # fold straight into the k directions: [H, d_head, k] and [k], never the [H, d_head, d_embed] fold
+            fold_t, bias_t = _layer_fold(blocks[l], gamma, proj_t, like)
             on = sel[l].nonzero().flatten().tolist()
             off = (~sel[l]).nonzero().flatten().tolist()
             if on:
