@@ -50,6 +50,35 @@ def run_options(f):
     return wrapper
 
 
+def method_options(f):
+    """--method / --option, shared by the commands that evaluate an explainer."""
+    from .methods import list_methods
+
+    @click.option("--method", type=click.Choice(list_methods()), default="decomposition", show_default=True,
+                  help="the explainer whose maps are evaluated.")
+    @click.option("--option", "method_option", multiple=True, metavar="KEY=VALUE",
+                  help="an option of the method (repeatable), e.g. layers=all, single_head=true, heads=L3H1.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def _parse_method_options(items) -> dict:
+    """KEY=VALUE pairs; values parsed as JSON when they are (true, 3, [10, 11]), else kept as strings."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.ClickException(f"--option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -937,14 +966,16 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
 @click.option("--target", type=click.Choice(["predicted", "true"]), default="predicted", show_default=True,
               help="the class whose map is evaluated (true: the image's class sub-folder, folder data only).")
 @click.option("--samples", default=8, show_default=True, help="overlays saved as examples.")
+@method_options
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
 @click.option("--quiet", is_flag=True)
 def segment_eval(data, model_name, pretrained, device, classifier_file, classes, templates, target, samples,
-                 batch_size, output, quiet):
-    """Zero-shot segmentation with the decomposition maps: DATA is gtsegs_ijcv.mat or a folder with images/ and
-    masks/ (same relative paths). Map = chosen class minus the mean over classes, clipped at 0, min-max normalised,
-    thresholded at its mean -> segmentation.json (pixel_accuracy, miou, map), per-image CSV, sample overlays."""
+                 method, method_option, batch_size, output, quiet):
+    """Zero-shot segmentation with an explainer's maps (default: the decomposition): DATA is gtsegs_ijcv.mat or a
+    folder with images/ and masks/ (same relative paths). Map of the chosen class (decomposition: minus the mean over
+    classes), clipped at 0, min-max normalised, thresholded at its mean -> segmentation.json (pixel_accuracy, miou,
+    map), per-image CSV, sample overlays."""
     import csv
 
     import numpy as np
@@ -954,6 +985,7 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
 
     from . import segmentation as seg
     from .decomposition import project
+    from .explain_eval import target_maps
     from .heatmaps import patch_maps
     from .metrics import normalise_map, segmentation_scores
     from .models import fingerprint, model_info
@@ -984,21 +1016,39 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     maps_out, masks_out, names, failures, shown = [], [], [], [], []
     pending = []
 
+    options = _parse_method_options(method_option)
+
     def flush():
         x = torch.stack([preprocess(im) for _, im, _ in pending]).to(dev)
-        p = project(model, x, T)  # one forward gives the maps and the zero-shot logits
-        rel = patch_maps(p, grid, relative=False)  # [b, C, g, g]
-        logits = p.total()  # (e / ||e||) @ W
+        if method == "decomposition" and not options:
+            p = project(model, x, T)  # one forward gives the maps and the zero-shot logits
+            rel = patch_maps(p, grid, relative=False)  # [b, C, g, g]
+            logits = p.total()  # (e / ||e||) @ W
+        else:
+            logits = torch.nn.functional.normalize(model.encode_image(x).detach(), dim=-1) @ T.t().to(x.dtype)
+        chosen = []
         for k, (name, im, mask) in enumerate(pending):
             if target == "true":
                 cls = name.split("/")[0]
                 if cls not in classnames:
                     failures.append({"item": name, "error": f"class folder {cls!r} is not in --classes"})
                     continue
-                c = classnames.index(cls)
+                chosen.append((k, classnames.index(cls)))
             else:
-                c = int(logits[k].argmax())
-            m = rel[k, c] - rel[k].mean(dim=0)
+                chosen.append((k, int(logits[k].argmax())))
+        if not chosen:
+            pending.clear()
+            return
+        if method == "decomposition" and not options:
+            class_maps = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c in chosen])
+        else:
+            rows = [k for k, _ in chosen]
+            try:
+                class_maps = target_maps(model, x[rows], T, [c for _, c in chosen], method, **options)
+            except (TypeError, ValueError) as exc:
+                raise click.ClickException(f"--method {method}: {exc}") from exc
+        for (k, c), m in zip(chosen, class_maps):
+            name, im, mask = pending[k]
             up = upsample(m.cpu(), x.shape[-2:]).numpy()
             maps_out.append(normalise_map(up))
             masks_out.append(mask)
@@ -1032,10 +1082,226 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     (out / "segmentation.json").write_text(json.dumps(res, indent=1))
     for k, (name, im, m, cname) in enumerate(shown):
         overlay(im, m).save(out / f"sample_{k:02d}.png")
-    write_run_json(out, "segment-eval", dict(data=data, model=model_name, pretrained=pretrained, target=target),
+    write_run_json(out, "segment-eval", dict(data=data, model=model_name, pretrained=pretrained, target=target,
+                                             method=method, options=options),
                    model_fingerprint=fingerprint(model), started=t0)
     click.echo(f"pixel accuracy {res['pixel_accuracy']:.2f}%  mIoU {res['miou']:.2f}%  mAP {res['map']:.2f}%  "
                f"({res['n_images']} images, {len(failures)} failed)")
+
+def _zero_shot_classifier(model, tokenizer, model_name, classifier_file, classes, templates):
+    """(W [d', C] float32, class names) from a .npy, or built from --classes / --templates."""
+    import numpy as np
+
+    from .zeroshot import build_classifier, read_lines, read_templates
+
+    if classifier_file:
+        W = np.load(classifier_file)
+        classnames = read_lines(classes, "classes") if classes else [str(i) for i in range(W.shape[1])]
+        if W.ndim != 2 or len(classnames) != W.shape[1]:
+            raise click.ClickException(f"{classifier_file}: expected [d_embed, {len(classnames)}], got {W.shape}")
+        return W.astype(np.float32), classnames
+    if not classes:
+        raise click.ClickException("give --classifier or --classes (and optionally --templates)")
+    classnames = read_lines(classes, "classes")
+    try:
+        return build_classifier(model, tokenizer, classnames, read_templates(templates or
+                                                                             _default_templates(model_name))), \
+            classnames
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("perturb-eval")
+@click.argument("images", type=click.Path(exists=True))
+@model_options
+@click.option("--classifier", "classifier_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="[d_embed, classes] .npy (else --classes/--templates).")
+@click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="class names, one per line (matched to the images' class sub-folders).")
+@click.option("--templates", default=None, type=click.Path(exists=True, dir_okay=False))
+@method_options
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="use the first N images only.")
+@run_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+def perturb_eval(images, model_name, pretrained, device, classifier_file, classes, templates, method, method_option,
+                 limit, batch_size, quiet, output):
+    """Positive and negative perturbation: remove the most (positive) or least (negative) relevant patches for the
+    predicted class, 10% .. 90% in steps of 10%, and measure zero-shot accuracy at each step (against the class
+    sub-folder when the images have one, else against the unperturbed prediction). A removed patch is set to 0 in
+    the normalised image (the preprocessing mean colour), the same for every method. Writes perturbation.json
+    (positive_auc, negative_auc, steps), perturbation.csv and perturbation.png."""
+    import csv
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .datasets import ImageDataset, ImageList, collate_with_failures
+    from .explain_eval import FRACTIONS, area_under, perturbation_counts, target_maps
+    from .models import fingerprint
+    from .runinfo import write_run_json
+
+    _setup_logging(quiet)
+    t0 = time.time()
+    model, preprocess, tokenizer = _load(model_name, pretrained, device or "cpu")
+    dev = next(model.parameters()).device
+    W, classnames = _zero_shot_classifier(model, tokenizer, model_name, classifier_file, classes, templates)
+    Wt = torch.from_numpy(W).to(dev)
+    options = _parse_method_options(method_option)
+    try:
+        items = ImageList.from_path(images)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if limit:
+        items = items.subset(0, min(limit, len(items)))
+    # the label of an image: its class folder's name among --classes; without folders, the clean prediction
+    has_labels = all(lab >= 0 for lab in items.labels) and bool(items.classes)
+    if has_labels:
+        missing = sorted(set(items.classes) - set(classnames))
+        if missing:
+            raise click.ClickException(f"class folders not in the classifier's classes: {missing[:5]}")
+    loader = torch.utils.data.DataLoader(ImageDataset(items, preprocess), batch_size=batch_size,
+                                         collate_fn=collate_with_failures)
+    counts = {"positive": np.zeros(len(FRACTIONS), np.int64), "negative": np.zeros(len(FRACTIONS), np.int64)}
+    n, failures = 0, []
+    for idx, x, bad in tqdm(loader, disable=quiet, desc=f"perturbation ({method})", unit="batch"):
+        failures += [{"item": items.paths[i], "error": e} for i, e in bad]
+        if x is None:
+            continue
+        x = x.to(dev)
+        with torch.no_grad():
+            pred = (torch.nn.functional.normalize(model.encode_image(x), dim=-1) @ Wt).argmax(dim=1)
+        labels = torch.tensor([classnames.index(items.classes[items.labels[i]]) for i in idx]) if has_labels \
+            else pred.cpu()
+        try:
+            maps = target_maps(model, x, Wt.t(), pred.tolist(), method, **options)
+        except (TypeError, ValueError) as exc:
+            raise click.ClickException(f"--method {method}: {exc}") from exc
+        c = perturbation_counts(model, x, maps, Wt, labels, FRACTIONS)
+        for k in counts:
+            counts[k] += c[k]
+        n += x.shape[0]
+    if n == 0:
+        raise click.ClickException(f"no readable images in {images} ({len(failures)} failed)")
+    acc = {k: 100.0 * v / n for k, v in counts.items()}
+    steps = [{"fraction": f, "positive_accuracy": float(acc["positive"][i]),
+              "negative_accuracy": float(acc["negative"][i])} for i, f in enumerate(FRACTIONS)]
+    result = {"method": method, "options": options, "n_images": n,
+              "target": "class folder" if has_labels else "unperturbed prediction",
+              "positive_auc": area_under(FRACTIONS, acc["positive"]),
+              "negative_auc": area_under(FRACTIONS, acc["negative"]),
+              "steps": steps, "removal": "patches set to 0 in the normalised image (preprocessing mean colour)",
+              "failures": failures}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perturbation.json").write_text(json.dumps(result, indent=1))
+    with open(out / "perturbation.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(steps[0]))
+        w.writeheader()
+        w.writerows(steps)
+    _perturbation_plot(out / "perturbation.png", FRACTIONS, acc, method)
+    write_run_json(out, "perturb-eval", dict(images=images, model=model_name, pretrained=pretrained, method=method,
+                                             options=options, limit=limit), model_fingerprint=fingerprint(model),
+                   started=t0)
+    click.echo(f"{method}: positive AUC {result['positive_auc']:.2f} (lower is better), negative AUC "
+               f"{result['negative_auc']:.2f} (higher is better); {n} images, {len(failures)} failed")
+
+
+def _perturbation_plot(path, fractions, acc, method):
+    from .visualize import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    pct = [100 * f for f in fractions]
+    ax.plot(pct, acc["positive"], "o-", label="positive (most relevant removed first)")
+    ax.plot(pct, acc["negative"], "s-", label="negative (least relevant removed first)")
+    ax.set_xlabel("patches removed (%)")
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_title(f"perturbation: {method}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--methods", default="decomposition,legrad,gradeclip,gradcam,rollout,raw_attention,chefer",
+              show_default=True, help="comma-separated explainers (textspan.list_methods()).")
+@click.option("--prompts", "-p", multiple=True, required=True, help="a prompt (repeat for several).")
+@model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+def compare(images, methods, prompts, model_name, pretrained, device, output):
+    """Every method on the same images and prompts: compare.png (rows: image x prompt, columns: methods; each map
+    upsampled and min-max normalised, one shared colour bar), maps_<method>.npy (raw [b, P, grid_h, grid_w]) and
+    times.json (seconds per method)."""
+    import numpy as np
+    import torch
+
+    from .datasets import load_rgb
+    from .methods import explain, list_methods, upsample_maps
+    from .models import fingerprint
+    from .runinfo import write_run_json
+    from .text import encode_texts
+
+    _setup_logging(True)
+    t0 = time.time()
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in list_methods()]
+    if unknown:
+        raise click.ClickException(f"unknown methods {unknown}; known: {', '.join(list_methods())}")
+    model, preprocess, tokenizer = _load(model_name, pretrained, device or "cpu")
+    pil = [load_rgb(p) for p in images]
+    x = torch.stack([preprocess(im) for im in pil]).to(next(model.parameters()).device)
+    try:
+        T = torch.from_numpy(encode_texts(model, tokenizer, list(prompts)))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    times, shown = {}, {}
+    for m in names:
+        start = time.perf_counter()
+        raw = explain(model, x, T, method=m, **({"relative": len(prompts) > 1} if m == "decomposition" else {}))
+        times[m] = time.perf_counter() - start
+        np.save(out / f"maps_{m}.npy", raw.cpu().numpy())
+        shown[m] = upsample_maps(raw.cpu(), tuple(x.shape[-2:])).numpy()  # [b, P, H, W] in [0, 1]
+    frames = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
+    _compare_grid(out / "compare.png", frames, [Path(p).stem for p in images], list(prompts), names, shown, times)
+    (out / "times.json").write_text(json.dumps({"seconds": times, "images": len(images), "prompts": len(prompts),
+                                                "device": str(x.device)}, indent=1))
+    write_run_json(out, "compare", dict(images=list(images), methods=names, prompts=list(prompts), model=model_name,
+                                        pretrained=pretrained), model_fingerprint=fingerprint(model), started=t0)
+    click.echo("  ".join(f"{m} {times[m]:.2f}s" for m in names) + f"\nwritten to {out}")
+
+
+def _compare_grid(path, frames, image_names, prompts, methods, shown, times):
+    import numpy as np
+
+    from .visualize import _plt
+
+    plt = _plt()
+    rows = [(i, j) for i in range(len(frames)) for j in range(len(prompts))]
+    fig, axes = plt.subplots(len(rows), len(methods) + 1, figsize=(1.9 * (len(methods) + 1) + 0.9, 1.9 * len(rows)
+                                                                    + 0.5), squeeze=False)
+    im = None
+    for r, (i, j) in enumerate(rows):
+        img = np.asarray(frames[i].convert("RGB"))
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_ylabel(f"{image_names[i]}\n{prompts[j]!r}", fontsize=7)
+        for c, m in enumerate(methods, start=1):
+            axes[r, c].imshow(img)
+            im = axes[r, c].imshow(shown[m][i, j], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            if r == 0:
+                axes[r, c].set_title(f"{m}\n{times[m]:.2f}s", fontsize=7)
+        if r == 0:
+            axes[r, 0].set_title("image", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, label="relevance (min-max per map)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":  # pragma: no cover
