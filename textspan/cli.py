@@ -1300,7 +1300,7 @@ def _compare_grid(path, frames, image_names, prompts, methods, shown, times):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, label="relevance (min-max per map)")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
