@@ -23,10 +23,12 @@ if __name__ == "__main__":
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--correlation", type=float, default=None, help="spurious: label-background agreement")
     ap.add_argument("--background-named", type=float, default=None, help="spurious: how often captions name it")
+    ap.add_argument("--mix", type=float, default=None, help="spurious: fraction of each batch from the default world")
     ap.add_argument("--snapshot-every", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args()
-    spec = {k: v for k, v in dict(correlation=args.correlation, background_named=args.background_named).items()
+    spec = {k: v for k, v in dict(correlation=args.correlation, background_named=args.background_named,
+                                  mix=args.mix).items()
             if v is not None}
     config = json.load(open(args.config)) if args.config else None
     logging.basicConfig(level=logging.INFO)

@@ -61,3 +61,22 @@ def test_learning_rate_schedule():
     lrs = [training._lr(s, 100, 1e-3, 10) for s in range(100)]
     assert lrs[0] == 1e-4 and abs(lrs[9] - 1e-3) < 1e-12 and lrs[10] == 1e-3
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-5
+
+
+def test_spurious_mixture_fine_tune_and_snapshots(tmp_path):
+    """The spurious variant with part of each batch from the default world, fine-tuned from a checkpoint, keeping
+    weight snapshots; the options are recorded."""
+    kw = dict(steps=2, batch_size=8, warmup=1, eval_every=100, checkpoint_every=100, config=TINY, threads=1)
+    training.train(tmp_path / "a", **kw)
+    training.train(tmp_path / "b", variant="spurious", init=str(tmp_path / "a" / "last.pt"), snapshot_every=1,
+                   spurious_spec={"mix": 0.5, "background_named": 0.5}, **kw)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["spurious"]["mix"] == 0.5 and cfg["spurious"]["background_named"] == 0.5
+    assert cfg["init"].endswith("last.pt") and cfg["config"]["embed_dim"] == 16
+    assert (tmp_path / "b" / "step1.pt").is_file() and (tmp_path / "b" / "step2.pt").is_file()
+    a, b = _state(tmp_path / "a" / "last.pt"), _state(tmp_path / "b" / "last.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained from there
+    import pytest
+
+    with pytest.raises(ValueError, match="mix"):
+        training.train(tmp_path / "c", variant="spurious", spurious_spec={"mix": 1.0}, **kw)

@@ -136,14 +136,20 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
             always follows `steps`, so a resumed run equals an uninterrupted one.
         init: start from these weights instead of a random initialisation: a built-in variant name
             ("default", "spurious") or a checkpoint path (fine-tuning; the architecture comes from it).
-        spurious_spec: fields of `world.Spurious` (correlation, background_named) for the spurious variant.
+        spurious_spec: fields of `world.Spurious` (correlation, background_named) for the spurious variant, and
+            optionally "mix": the fraction of every batch drawn from the default world instead (all five shapes,
+            backgrounds independent of the shape and named as often as the other attributes).
         snapshot_every: also keep the model weights of every this-many steps as ``step{N}.pt``.
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    spurious = world.Spurious(**(spurious_spec or {})) if variant == "spurious" else None
+    spec = dict(spurious_spec or {})
+    mix = float(spec.pop("mix", 0.0))
+    if not 0.0 <= mix < 1.0:
+        raise ValueError(f"mix must be in [0, 1); got {mix}")
+    spurious = world.Spurious(**spec) if variant == "spurious" else None
     if init is not None:
         is_variant = init in ("default", "spurious")
         model, _, tok = builtin.load_shapes_model(init if is_variant else "default",
@@ -166,7 +172,7 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
         log.info("resumed %s at step %d", out, step)
     (out / "config.json").write_text(json.dumps(dict(
         config=config, vocab=tok.words, variant=variant, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-        seed=seed, init=init, spurious=dataclasses.asdict(spurious) if spurious is not None else None)))
+        seed=seed, init=init, spurious=dict(dataclasses.asdict(spurious), mix=mix) if spurious is not None else None)))
     logf = open(out / "train.log", "a")
     model.train()
     t_start = time.time()
@@ -174,7 +180,11 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
     last = steps if stop_after is None else min(steps, step + stop_after)
     while step < last:
         t0 = time.time()
-        images, captions, _ = world.batch(train_seed, step * batch_size, batch_size, spurious=spurious)
+        n_default = int(round(mix * batch_size)) if spurious is not None else 0
+        images, captions, _ = world.batch(train_seed, step * batch_size, batch_size - n_default, spurious=spurious)
+        if n_default:
+            more, more_captions, _ = world.batch(train_seed + 7919, step * batch_size, n_default)
+            images, captions = np.concatenate([images, more]), list(captions) + list(more_captions)
         x = builtin.preprocess_batch(images)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup)
