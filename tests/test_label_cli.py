@@ -80,6 +80,9 @@ def test_label_heads_refuses_bad_inputs(setup, tmp_path):
     res = r.invoke(main, ["label-heads", str(tmp / "c"), "--bank", str(tmp / "bank.txt"), "--model", "shapes",
                           "--pretrained", str(other_ckpt), "-o", str(tmp_path / "x")])
     assert res.exit_code != 0 and "fingerprint" in res.output
+    # a general-vocabulary bank with the built-in model: the error says which bank to use
+    res = r.invoke(main, ["label-heads", str(tmp / "c"), "--bank", "general", "-o", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--bank shapes" in res.output
 
 
 def test_completeness_command_and_its_identities(setup):

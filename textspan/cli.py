@@ -383,7 +383,11 @@ def _bank_embeddings(bank_arg, text_embeddings, model, tokenizer, fingerprint):
         bank = TextBank.load(bank_arg)
         return bank_embeddings(model, tokenizer, bank, fingerprint=fingerprint), bank
     except (FileNotFoundError, ValueError, EmbeddingMismatchError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        msg = str(exc)
+        if "shapes-world vocabulary" in msg:  # a general bank with a built-in model
+            msg = (f"text bank {bank_arg!r} has words the built-in model cannot read; use --bank shapes (the "
+                   f"shapes-world bank).\n{msg[:400]}")
+        raise click.ClickException(msg) from exc
 
 
 def cache_model_options(f):
