@@ -71,16 +71,24 @@ class TermLogits:
         self.mean_head = np.empty((L, H, C), np.float64)
         self.mean_cls = np.empty((L, H, C), np.float64)
         W64 = np.asarray(classifier, dtype=np.float64)
+        # the same-set protocol over the same rows: the means come from the pass that makes the layer sums
+        same = ref_rows is None and rows is None
         for l in range(L):
-            for src, out in ((heads, self.layer_head), (cls_to_cls, self.layer_cls)):
+            for src, ref, out, mean in ((heads, ref_heads, self.layer_head, self.mean_head),
+                                        (cls_to_cls, ref_cls, self.layer_cls, self.mean_cls)):
                 if src is None:  # no CLS->CLS terms given: CLS ablations are unavailable
                     continue
+                fused = same and ref is src
+                total = np.zeros(src.shape[2:], np.float64)
                 for a, b in self._chunks():
                     x = _rows(src[:, l], self._sel(a, b))  # [chunk, H, d']
                     out[a:b, l] = (torch.from_numpy(x.sum(axis=1, dtype=np.float32)) @ self.W).numpy()
-            self.mean_head[l] = _mean(ref_heads, l, ref_rows) @ W64
-            if ref_cls is not None:
-                self.mean_cls[l] = _mean(ref_cls, l, ref_rows) @ W64
+                    if fused:
+                        total += x.sum(axis=0, dtype=np.float64)
+                if fused:
+                    mean[l] = (total / self.n) @ W64
+                elif ref is not None:
+                    mean[l] = _mean(ref, l, ref_rows) @ W64
         m = _rows(mlps, rows).astype(np.float32)
         self.mlp = (torch.from_numpy(m.sum(axis=1)) @ self.W).numpy()  # [n, C]
         self.mean_mlp = _rows(ref_mlps, ref_rows).astype(np.float64).mean(axis=0) @ W64  # [L+1, C]
@@ -133,24 +141,31 @@ def ablate_heads(t: TermLogits, heads: Iterable[Tuple[int, int]], *, layers: Seq
 
 def single_head_importance(t: TermLogits, labels: np.ndarray) -> np.ndarray:
     """[L, H]: accuracy (%) with each head alone mean-ablated. Vectorised over the heads of a layer, in chunks of
-    images; each head's logits are made once and never kept."""
+    images; each head's logits are made once and never kept.
+
+    Per layer and chunk, one batched product over the heads gives base - x_h @ W + mean_h @ W directly: the images'
+    terms get a constant 1 column and each head's matrix a last row holding its mean logits, and the base logits are
+    the (broadcast) input of the product, so no [chunk, H, C] offset is ever written out."""
     torch = t._torch
     labels = np.asarray(labels)
     keep = torch.from_numpy(labels >= 0)
     y = torch.from_numpy(labels.astype(np.int64))
     L, H = t.n_layers, t.n_heads
+    d, C = t.W.shape
     correct = np.zeros((L, H))
     base = torch.from_numpy(t.base.astype(np.float32))
+    w_aug = torch.empty(H, d + 1, C)
+    w_aug[:, :d] = -t.W  # [H, d' + 1, C]: -W, then the head's mean logits
     for l in range(L):
-        mean = torch.from_numpy(t.mean_head[l].astype(np.float32))  # [H, C]
+        w_aug[:, d] = torch.from_numpy(t.mean_head[l].astype(np.float32))  # [H, C]
         for a, b in t._chunks():
-            x = torch.from_numpy(np.ascontiguousarray(_rows(t.heads[:, l], t._sel(a, b)), dtype=np.float32))
-            # base - head @ W + mean, with the subtraction fused into the matrix product
-            offset = (base[a:b, None, :] + mean[None]).reshape(-1, mean.shape[1])  # [chunk * H, C]
-            corrected = torch.addmm(offset, x.reshape(-1, x.shape[-1]), t.W, alpha=-1.0)
-            pred = corrected.view(b - a, H, -1).argmax(dim=2)
-            hit = (pred == y[a:b, None]) & keep[a:b, None]
-            correct[l] += hit.sum(dim=0).numpy()
+            x = np.asarray(_rows(t.heads[:, l], t._sel(a, b)))  # [chunk, H, d']
+            xa = torch.empty(H, b - a, d + 1)
+            xa[:, :, :d] = torch.from_numpy(x).transpose(0, 1)  # float32 copy, heads first
+            xa[:, :, d] = 1.0
+            corrected = torch.baddbmm(base[a:b].expand(H, -1, -1), xa, w_aug)  # [H, chunk, C]
+            hit = (corrected.argmax(dim=2) == y[a:b]) & keep[a:b]
+            correct[l] += hit.sum(dim=1).numpy()
     return correct / max(1, int(keep.sum())) * 100
 
 
