@@ -335,3 +335,37 @@ def test_upsample_maps_by_hand():
     assert torch.equal(upsample_maps(torch.ones(1, 1, 2, 2), 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError):
         upsample_maps(torch.ones(4, 4), 8)
+
+
+VARIANTS = {
+    "quick_gelu": dict(quick_gelu=True),
+    "layer_scale": dict(ls_init_value=0.5),
+    "custom_block": dict(qk_norm=True, scale_heads=True),
+    "no_ln_pre": dict(no_ln_pre=True),
+    "final_ln_after_pool": dict(final_ln_after_pool=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_explainer_forward_is_the_models_on_every_block_kind(variant):
+    """The explainers' forward (explicit attention map) equals open_clip's block by block and at the embedding."""
+    from textspan.methods._vit import _fast_block, block_forward, pooled_embedding
+
+    model = tiny_clip(seed=4, dtype=torch.float64, **VARIANTS[variant])
+    v = model.visual
+    imgs = random_images(2, seed=3, dtype=torch.float64)
+    with torch.no_grad():
+        x = embed(v, imgs)
+        for blk in v.transformer.resblocks:
+            want = blk(x)
+            t = block_forward(blk, x)
+            assert torch.allclose(t.x_out, want, atol=1e-10)
+            assert torch.allclose(_fast_block(blk, x), want, atol=1e-10)
+            assert torch.allclose(t.probs.sum(-1), torch.ones_like(t.probs[..., 0]))
+            x = want
+        e = F.normalize(model.encode_image(imgs), dim=-1)
+        assert torch.allclose(pooled_embedding(v, x[:, 0]), e, atol=1e-10)
+    T = F.normalize(torch.randn(2, 24, dtype=torch.float64), dim=-1)
+    for m in list_methods():
+        maps = explain(model, imgs, T, method=m)
+        assert maps.shape == (2, 2, 4, 4) and torch.isfinite(maps).all(), m
