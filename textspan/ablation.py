@@ -34,14 +34,30 @@ def _rows(a, rows: Optional[np.ndarray]) -> np.ndarray:
     return np.asarray(a if rows is None else a[rows])
 
 
+def _tensor(a, copy: bool = True):
+    """A float32 torch tensor over (a copy of) a numpy array or memmap slice. Without `copy`, a read-only memmap
+    view is wrapped as it is (torch warns that it is not writable; nothing writes to it)."""
+    import warnings
+
+    import torch
+
+    a = np.asarray(a)
+    if a.dtype != np.float32 or copy:
+        return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
 def _mean(arr, layer: int, rows: Optional[np.ndarray], chunk: int = 4096) -> np.ndarray:
-    """[H, d'] float64 mean over rows of arr[:, layer], read in chunks (no float64 copy of the layer)."""
+    """[H, d'] float64 mean over rows of arr[:, layer], read in chunks (float32 pairwise sums per chunk, float64
+    across chunks; no float64 copy of the layer)."""
     idx = np.arange(arr.shape[0]) if rows is None else np.asarray(rows)
     total = np.zeros(arr.shape[2:], np.float64)
     for a in range(0, len(idx), chunk):
         sel = idx[a:a + chunk]
         block = arr[int(sel[0]):int(sel[-1]) + 1, layer] if rows is None else arr[:, layer][sel]
-        total += np.asarray(block).sum(axis=0, dtype=np.float64)
+        total += _tensor(block, copy=False).sum(dim=0).double().numpy()
     return total / len(idx)
 
 
@@ -81,10 +97,10 @@ class TermLogits:
                 fused = same and ref is src
                 total = np.zeros(src.shape[2:], np.float64)
                 for a, b in self._chunks():
-                    x = _rows(src[:, l], self._sel(a, b))  # [chunk, H, d']
-                    out[a:b, l] = (torch.from_numpy(x.sum(axis=1, dtype=np.float32)) @ self.W).numpy()
-                    if fused:
-                        total += x.sum(axis=0, dtype=np.float64)
+                    x = _tensor(_rows(src[:, l], self._sel(a, b)))  # [chunk, H, d'] float32, one read
+                    out[a:b, l] = (x.sum(dim=1) @ self.W).numpy()
+                    if fused:  # float32 (pairwise) sum per chunk, float64 across chunks
+                        total += x.sum(dim=0).double().numpy()
                 if fused:
                     mean[l] = (total / self.n) @ W64
                 elif ref is not None:
@@ -159,9 +175,9 @@ def single_head_importance(t: TermLogits, labels: np.ndarray) -> np.ndarray:
     for l in range(L):
         w_aug[:, d] = torch.from_numpy(t.mean_head[l].astype(np.float32))  # [H, C]
         for a, b in t._chunks():
-            x = np.asarray(_rows(t.heads[:, l], t._sel(a, b)))  # [chunk, H, d']
+            x = _tensor(_rows(t.heads[:, l], t._sel(a, b)), copy=False)  # [chunk, H, d']
             xa = torch.empty(H, b - a, d + 1)
-            xa[:, :, :d] = torch.from_numpy(x).transpose(0, 1)  # float32 copy, heads first
+            xa[:, :, :d] = x.transpose(0, 1)  # float32 copy, heads first
             xa[:, :, d] = 1.0
             corrected = torch.baddbmm(base[a:b].expand(H, -1, -1), xa, w_aug)  # [H, chunk, C]
             hit = (corrected.argmax(dim=2) == y[a:b]) & keep[a:b]
