@@ -105,9 +105,10 @@ class TermLogits:
                     mean[l] = (total / self.n) @ W64
                 elif ref is not None:
                     mean[l] = _mean(ref, l, ref_rows) @ W64
-        m = _rows(mlps, rows).astype(np.float32)
-        self.mlp = (torch.from_numpy(m.sum(axis=1)) @ self.W).numpy()  # [n, C]
-        self.mean_mlp = _rows(ref_mlps, ref_rows).astype(np.float64).mean(axis=0) @ W64  # [L+1, C]
+        self.mlp = np.empty((self.n, self.W.shape[1]), np.float32)  # [n, C]
+        for a, b in self._chunks():
+            self.mlp[a:b] = (_tensor(_rows(mlps, self._sel(a, b)), copy=False).sum(dim=1) @ self.W).numpy()
+        self.mean_mlp = _mean(ref_mlps[:, None], 0, ref_rows) @ W64  # [L+1, C]
         self.base = self.layer_head.sum(axis=1, dtype=np.float64) + self.mlp
 
     def _chunks(self):
