@@ -142,8 +142,7 @@ def pooled_embedding(visual, x_cls: torch.Tensor) -> torch.Tensor:
 
 
 def trace(visual, images: torch.Tensor, keep: Sequence[int], antialias: bool = True) -> List[Optional[BlockTrace]]:
-    """Run the tower without autograd; the traces of blocks in `keep` (others None), plus the final x_out in the
-    last entry's place when not kept is not needed by callers."""
+    """Run the tower without autograd: one entry per block, its `BlockTrace` for the blocks in `keep`, else None."""
     blocks = visual.transformer.resblocks
     keep = set(keep)
     out: List[Optional[BlockTrace]] = []
@@ -158,6 +157,22 @@ def trace(visual, images: torch.Tensor, keep: Sequence[int], antialias: bool = T
                 x = _fast_block(block, x)
                 out.append(None)
     return out
+
+
+def last_block_input(visual, images: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+    """[b, N, d_model]: the residual stream entering the last block (no autograd)."""
+    with torch.no_grad():
+        x = embed(visual, images, antialias)
+        for block in visual.transformer.resblocks[:-1]:
+            x = _fast_block(block, x)
+    return x
+
+
+def start_block(start_layer: int, n_layers: int) -> int:
+    """The index of the first block of a product over blocks (negative counts from the end), checked."""
+    if not -n_layers <= int(start_layer) < n_layers:
+        raise ValueError(f"start_layer {start_layer} is out of range for a {n_layers}-block model")
+    return int(start_layer) % n_layers
 
 
 def _fast_block(block, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._vit import block_forward, embed, grid_of, patch_columns, pooled_embedding, prompt_cotangents, _fast_block
+from ._vit import _fast_block, block_forward, embed, grid_of, patch_columns, pooled_embedding, prompt_cotangents, start_block
 
 _CHUNK_ELEMENTS = 1 << 27
 
@@ -20,9 +20,7 @@ def chefer(visual, images, T, start_layer: int = 0):
     """Options: start_layer (default 0, all blocks; -1 is the last block only, the CLIP notebook's image default)."""
     blocks = visual.transformer.resblocks
     L = len(blocks)
-    if not -L <= start_layer < L:
-        raise ValueError(f"start_layer {start_layer} is out of range for a {L}-block model")
-    start = start_layer % L
+    start = start_block(start_layer, L)
     b, P = images.shape[0], T.shape[0]
     with torch.no_grad():
         x0 = embed(visual, images)

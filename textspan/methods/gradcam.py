@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from ._vit import after_heads, after_mlp, attention_probs, batched_vjp, embed, grid_of, merge_heads, \
-    pooled_embedding, prompt_cotangents, qkv, _fast_block
+from ._vit import after_heads, after_mlp, attention_probs, batched_vjp, grid_of, last_block_input, merge_heads, \
+    pooled_embedding, prompt_cotangents, qkv
 
 
 @register("gradcam")
@@ -18,10 +18,7 @@ def gradcam(visual, images, T):
     blocks = visual.transformer.resblocks
     last = blocks[-1]
     b = images.shape[0]
-    with torch.no_grad():
-        x = embed(visual, images)
-        for block in blocks[:-1]:
-            x = _fast_block(block, x)
+    x = last_block_input(visual, images)
 
     def embedding(x_in):  # [b, N, D] -> [b, d_embed], through the last block at the CLS query
         q, k, v = qkv(last, x_in)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from ._vit import (after_heads, after_mlp, attention_probs, batched_vjp, embed, grid_of, merge_heads, pooled_embedding,
-                   prompt_cotangents, qkv, _fast_block)
+from ._vit import (after_heads, after_mlp, attention_probs, batched_vjp, grid_of, last_block_input, merge_heads,
+                   pooled_embedding, prompt_cotangents, qkv)
 
 
 @register("gradeclip")
@@ -27,10 +27,8 @@ def gradeclip(visual, images, T, single_head: bool = False):
     blocks = visual.transformer.resblocks
     last = blocks[-1]
     b = images.shape[0]
+    x = last_block_input(visual, images, antialias=not single_head)
     with torch.no_grad():
-        x = embed(visual, images, antialias=not single_head)
-        for block in blocks[:-1]:
-            x = _fast_block(block, x)
         q, k, v = qkv(last, x)  # [b, H, N, d_head]
         _, H, N, dh = q.shape
         q_full = q.transpose(1, 2).reshape(b, N, H * dh)  # [b, N, D]

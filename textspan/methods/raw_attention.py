@@ -4,17 +4,15 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._vit import attention_probs, embed, grid_of, patch_columns, qkv, _fast_block
+from ._vit import attention_probs, grid_of, last_block_input, patch_columns, qkv
 
 
 @register("raw_attention")
 def raw_attention(visual, images, T):
     """No options. Prompt-independent: the map is repeated for each prompt."""
     blocks = visual.transformer.resblocks
+    x = last_block_input(visual, images)
     with torch.no_grad():
-        x = embed(visual, images)
-        for block in blocks[:-1]:
-            x = _fast_block(block, x)
         q, k, _ = qkv(blocks[-1], x)
         cls_row = attention_probs(blocks[-1], q[:, :, :1], k)[:, :, 0].mean(dim=1)  # [b, N]
     maps = patch_columns(cls_row, grid_of(visual, images))

@@ -6,17 +6,14 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._vit import attention_probs, embed, grid_of, patch_columns, qkv, after_heads, after_mlp, merge_heads
+from ._vit import after_heads, after_mlp, attention_probs, embed, grid_of, merge_heads, patch_columns, qkv, start_block
 
 
 @register("rollout")
 def rollout(visual, images, T, start_layer: int = 0):
     """Options: start_layer (default 0; negative counts from the end): the first block taken into the product."""
     blocks = visual.transformer.resblocks
-    L = len(blocks)
-    if not -L <= start_layer < L:
-        raise ValueError(f"start_layer {start_layer} is out of range for a {L}-block model")
-    start = start_layer % L
+    start = start_block(start_layer, len(blocks))
     with torch.no_grad():
         x = embed(visual, images)
         R = None
