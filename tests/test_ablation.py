@@ -99,3 +99,21 @@ def test_random_head_sets_are_seeded_and_distinct():
 def test_split_rows_partition():
     ref, ev = ablation.split_rows(11, 0.5, seed=3)
     assert sorted(np.concatenate([ref, ev]).tolist()) == list(range(11)) and not set(ref) & set(ev)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+def test_single_head_importance_with_duplicate_classes(terms, chunk):
+    """Classifier columns that repeat (duplicate class names) tie exactly: the sweep must follow argmax, which
+    picks the first of them, whatever the chunking."""
+    heads, cls, mlps, emb, W, labels = terms
+    W2 = np.concatenate([W, W[:, [1, 3]]], axis=1)  # classes 5 and 6 repeat classes 1 and 3
+    lab = labels.copy()
+    lab[::3] = 5  # some images labelled with a later twin: never an argmax
+    lab[1::7] = 1
+    t = ablation.term_logits(heads, cls, mlps, W2)
+    fast = ablation.single_head_importance(t, lab, chunk=chunk)
+    for l in range(3):
+        for h in range(4):
+            slow = ablation.accuracy_from_logits(ablation.ablate_heads(t, [(l, h)]), lab)
+            assert fast[l, h] == pytest.approx(slow)
+    assert ablation._later_twins(W2).tolist() == [False] * 5 + [True, True]

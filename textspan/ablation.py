@@ -49,15 +49,17 @@ def _tensor(a, copy: bool = True):
         return torch.from_numpy(a)
 
 
-def _mean(arr, layer: int, rows: Optional[np.ndarray], chunk: int = 4096) -> np.ndarray:
-    """[H, d'] float64 mean over rows of arr[:, layer], read in chunks (float32 pairwise sums per chunk, float64
-    across chunks; no float64 copy of the layer)."""
+_ROW_BLOCK = 256  # rows per sequential read of all layers ([256, L, H, d'] is 300 MB for ViT-L/14)
+
+
+def _means(arr, rows: Optional[np.ndarray], block: int = _ROW_BLOCK) -> np.ndarray:
+    """[L, ...] float64 mean over rows of arr ([n, L, ...]), read in row blocks (float32 sums per block)."""
     idx = np.arange(arr.shape[0]) if rows is None else np.asarray(rows)
-    total = np.zeros(arr.shape[2:], np.float64)
-    for a in range(0, len(idx), chunk):
-        sel = idx[a:a + chunk]
-        block = arr[int(sel[0]):int(sel[-1]) + 1, layer] if rows is None else arr[:, layer][sel]
-        total += _tensor(block, copy=False).sum(dim=0).double().numpy()
+    total = np.zeros(arr.shape[1:], np.float64)
+    for a in range(0, len(idx), block):
+        sel = idx[a:a + block]
+        part = arr[int(sel[0]):int(sel[-1]) + 1] if rows is None else arr[sel]
+        total += _tensor(part, copy=False).sum(dim=0).double().numpy()
     return total / len(idx)
 
 
@@ -86,33 +88,35 @@ class TermLogits:
         self.layer_cls = np.empty((self.n, L, C), np.float32)
         self.mean_head = np.empty((L, H, C), np.float64)
         self.mean_cls = np.empty((L, H, C), np.float64)
+        self.mean_term = np.empty((L, H, self.W.shape[0]), np.float64)  # the heads' mean terms (reference rows)
         W64 = np.asarray(classifier, dtype=np.float64)
-        # the same-set protocol over the same rows: the means come from the pass that makes the layer sums
+        # Row-major passes: each block of rows is read once, sequentially, for all layers. In the same-set protocol
+        # over the same rows the reference means come from that pass too.
         same = ref_rows is None and rows is None
-        for l in range(L):
-            for src, ref, out, mean in ((heads, ref_heads, self.layer_head, self.mean_head),
-                                        (cls_to_cls, ref_cls, self.layer_cls, self.mean_cls)):
-                if src is None:  # no CLS->CLS terms given: CLS ablations are unavailable
-                    continue
-                fused = same and ref is src
-                total = np.zeros(src.shape[2:], np.float64)
-                for a, b in self._chunks():
-                    x = _tensor(_rows(src[:, l], self._sel(a, b)))  # [chunk, H, d'] float32, one read
-                    out[a:b, l] = (x.sum(dim=1) @ self.W).numpy()
-                    if fused:  # float32 (pairwise) sum per chunk, float64 across chunks
-                        total += x.sum(dim=0).double().numpy()
-                if fused:
-                    mean[l] = (total / self.n) @ W64
-                elif ref is not None:
-                    mean[l] = _mean(ref, l, ref_rows) @ W64
+        for src, ref, out, mean in ((heads, ref_heads, self.layer_head, self.mean_head),
+                                    (cls_to_cls, ref_cls, self.layer_cls, self.mean_cls)):
+            if src is None:  # no CLS->CLS terms given: CLS ablations are unavailable
+                continue
+            fused = same and ref is src
+            total = np.zeros(src.shape[1:], np.float64)  # [L, H, d']
+            for a, b in self._chunks(_ROW_BLOCK):
+                x = _tensor(_rows(src, self._sel(a, b)), copy=False)  # [block, L, H, d'], read in place
+                out[a:b] = (x.sum(dim=2) @ self.W).numpy()  # [block, L, C]
+                if fused:  # float32 (pairwise) sums per block, float64 across blocks
+                    total += x.sum(dim=0).double().numpy()
+            terms = total / self.n if fused else _means(ref, ref_rows)  # [L, H, d'] float64
+            mean[:] = terms @ W64
+            if mean is self.mean_head:
+                self.mean_term[:] = terms
         self.mlp = np.empty((self.n, self.W.shape[1]), np.float32)  # [n, C]
         for a, b in self._chunks():
             self.mlp[a:b] = (_tensor(_rows(mlps, self._sel(a, b)), copy=False).sum(dim=1) @ self.W).numpy()
-        self.mean_mlp = _mean(ref_mlps[:, None], 0, ref_rows) @ W64  # [L+1, C]
+        self.mean_mlp = _means(ref_mlps, ref_rows) @ W64  # [L+1, C]
         self.base = self.layer_head.sum(axis=1, dtype=np.float64) + self.mlp
 
-    def _chunks(self):
-        return [(a, min(a + self.chunk, self.n)) for a in range(0, self.n, self.chunk)]
+    def _chunks(self, size: Optional[int] = None):
+        size = size or self.chunk
+        return [(a, min(a + size, self.n)) for a in range(0, self.n, size)]
 
     def _sel(self, a, b):
         return slice(a, b) if self.rows is None else self.rows[a:b]
@@ -156,34 +160,58 @@ def ablate_heads(t: TermLogits, heads: Iterable[Tuple[int, int]], *, layers: Seq
     return logits
 
 
-def single_head_importance(t: TermLogits, labels: np.ndarray) -> np.ndarray:
+def single_head_importance(t: TermLogits, labels: np.ndarray, chunk: int = 256) -> np.ndarray:
     """[L, H]: accuracy (%) with each head alone mean-ablated. Vectorised over the heads of a layer, in chunks of
     images; each head's logits are made once and never kept.
 
-    Per layer and chunk, one batched product over the heads gives base - x_h @ W + mean_h @ W directly: the images'
-    terms get a constant 1 column and each head's matrix a last row holding its mean logits, and the base logits are
-    the (broadcast) input of the product, so no [chunk, H, C] offset is ever written out."""
+    Mean-ablating head h turns the logits into base - (x_h - mu_h) @ W, with mu_h the head's mean term over the
+    reference rows (mean_h @ W is mu_h @ W). Each block of rows is read once, sequentially, for all layers; per
+    layer the centred terms are written heads-first in one pass (the copy the product needs anyway) and one batched
+    product with the base logits as its (broadcast) input gives every head's logits."""
     torch = t._torch
     labels = np.asarray(labels)
     keep = torch.from_numpy(labels >= 0)
     y = torch.from_numpy(labels.astype(np.int64))
     L, H = t.n_layers, t.n_heads
-    d, C = t.W.shape
     correct = np.zeros((L, H))
     base = torch.from_numpy(t.base.astype(np.float32))
-    w_aug = torch.empty(H, d + 1, C)
-    w_aug[:, :d] = -t.W  # [H, d' + 1, C]: -W, then the head's mean logits
-    for l in range(L):
-        w_aug[:, d] = torch.from_numpy(t.mean_head[l].astype(np.float32))  # [H, C]
-        for a, b in t._chunks():
-            x = _tensor(_rows(t.heads[:, l], t._sel(a, b)), copy=False)  # [chunk, H, d']
-            xa = torch.empty(H, b - a, d + 1)
-            xa[:, :, :d] = x.transpose(0, 1)  # float32 copy, heads first
-            xa[:, :, d] = 1.0
-            corrected = torch.baddbmm(base[a:b].expand(H, -1, -1), xa, w_aug)  # [H, chunk, C]
-            hit = (corrected.argmax(dim=2) == y[a:b]) & keep[a:b]
-            correct[l] += hit.sum(dim=1).numpy()
+    neg_w = (-t.W).expand(H, -1, -1)  # [H, d', C]
+    later_twins = _later_twins(t.W)
+    mu = torch.from_numpy(t.mean_term.astype(np.float32))  # [L, H, d']
+    for a in range(0, t.n, chunk):
+        b = min(a + chunk, t.n)
+        rows = _tensor(_rows(t.heads, t._sel(a, b)), copy=False)  # [chunk, L, H, d'], one sequential read
+        for l in range(L):
+            xc = torch.sub(rows[:, l].transpose(0, 1), mu[l][:, None, :]).contiguous()  # [H, chunk, d']
+            logits = torch.baddbmm(base[a:b].expand(H, -1, -1), xc, neg_w)  # [H, chunk, C]
+            correct[l] += (_hits(logits, y[a:b], later_twins) & keep[a:b]).sum(dim=1).numpy()
     return correct / max(1, int(keep.sum())) * 100
+
+
+def _later_twins(W) -> "torch.Tensor":
+    """[C] bool: classes whose classifier column equals an earlier one's (duplicate class names)."""
+    import torch
+
+    _, first = np.unique(np.asarray(W).T, axis=0, return_index=True)
+    twin = np.ones(W.shape[1], dtype=bool)
+    twin[first] = False
+    return torch.from_numpy(twin)
+
+
+def _hits(logits, y, later_twins) -> "torch.Tensor":
+    """[H, b] bool: argmax(logits[h, i]) == y[i], computed as "the label's logit is the maximum" (a max is ~10x
+    cheaper than an argmax here). The two differ only when another class ties the maximum exactly: for labels whose
+    classifier column repeats an earlier one (the only systematic ties) the rows are settled by argmax itself."""
+    import torch
+
+    top = logits.amax(dim=2)  # [H, b]
+    mine = logits.gather(2, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(2)
+    hit = mine >= top
+    twins = later_twins[y]
+    if bool(twins.any()):
+        rows = twins.nonzero().flatten()
+        hit[:, rows] = logits[:, rows].argmax(dim=2) == y[rows]
+    return hit
 
 
 def standard_ablations(t: TermLogits, labels: np.ndarray) -> Dict:
