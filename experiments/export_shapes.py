@@ -19,6 +19,15 @@ import torch
 from textspan import builtin, training
 
 CHECK_SET = {"n": 200, "seed": 999}
+
+
+def _world_flags(run_cfg) -> str:
+    """The train_shapes.py flags of a run's spurious-world options (empty for the defaults)."""
+    spec = run_cfg.get("spurious") or {}
+    flags = {"--correlation": spec.get("correlation", 0.95), "--background-named": spec.get("background_named", 0.2),
+             "--mix": spec.get("mix", 0.0)}
+    defaults = {"--correlation": 0.95, "--background-named": 0.2, "--mix": 0.0}
+    return "".join(f" {k} {v}" for k, v in flags.items() if spec and v != defaults[k])
 SPURIOUS_CHECK_SET = {"n": 400, "seed": 4242}
 
 if __name__ == "__main__":
@@ -36,9 +45,10 @@ if __name__ == "__main__":
                      "warmup": run_cfg["warmup"], "seed": run_cfg["seed"],
                      "wall_minutes": round(state.get("elapsed", 0) / 60, 1),
                      "command": f"python experiments/train_shapes.py --variant {args.variant} --steps "
-                                f"{run_cfg['steps']} --output {ckpt.parent} --threads 1",
+                                f"{run_cfg['steps']} --output {ckpt.parent}" + _world_flags(run_cfg),
+                     "world": run_cfg.get("spurious"),
                      "hardware": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-                                 f"torch {torch.__version__}; shared with a second training run"},
+                                 f"torch {torch.__version__}"},
         "check_set": CHECK_SET,
     }
     builtin.save_checkpoint(model, tok, run_cfg["config"], args.variant, meta)
