@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--n-val", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=2000)
-    ap.add_argument("--counts", default="1,2,3,4,6,8")
+    ap.add_argument("--counts", default="1,2,3,4,6,8,10,12")
     args = ap.parse_args()
     out = Path(args.output)
     model = ["--model", args.model] + (["--pretrained", args.pretrained] if args.pretrained else [])
