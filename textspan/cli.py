@@ -995,21 +995,12 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     from .models import fingerprint, model_info
     from .runinfo import write_run_json
     from .visualize import overlay, upsample
-    from .zeroshot import build_classifier, read_lines, read_templates
 
     _setup_logging(quiet)
     t0 = time.time()
     model, preprocess, tokenizer = _load(model_name, pretrained, device or "cpu")
     dev = next(model.parameters()).device
-    if classifier_file:
-        W = np.load(classifier_file)
-        classnames = read_lines(classes, "classes") if classes else [str(i) for i in range(W.shape[1])]
-    else:
-        if not classes:
-            raise click.ClickException("give --classifier or --classes (and optionally --templates)")
-        classnames = read_lines(classes, "classes")
-        tmpl = read_templates(templates or _default_templates(model_name))
-        W = build_classifier(model, tokenizer, classnames, tmpl)
+    W, classnames = _zero_shot_classifier(model, tokenizer, model_name, classifier_file, classes, templates)
     T = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))
     grid = model_info(model).grid_size
     is_mat = Path(data).is_file()

@@ -159,27 +159,27 @@ def _check_images(visual, images: torch.Tensor, any_size: bool = False) -> None:
             f"images are {tuple(images.shape[-2:])} px but the model expects {expected}; use the model's preprocess")
 
 
-def positional_embedding(visual, grid) -> torch.Tensor:
+def positional_embedding(visual, grid, antialias: bool = True) -> torch.Tensor:
     """[1 + gh * gw, d_model]: the model's positional embedding for a (gh, gw) patch grid. Other grids than the
-    model's own get the patch part resampled bicubically with antialiasing (timm's ``resample_abs_pos_embed``
-    convention, in float32); the model is not modified."""
+    model's own get the patch part resampled bicubically, in float32, with antialiasing by default (timm's
+    ``resample_abs_pos_embed`` convention; the Grad-ECLIP notebook resamples without); the model is not modified."""
     pos = visual.positional_embedding
     own = tuple(visual.grid_size)
     grid = tuple(int(g) for g in grid)
     if grid == own:
         return pos
     patch = pos[1:].float().reshape(1, own[0], own[1], -1).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
     patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
     return torch.cat([pos[:1], patch], dim=0)
 
 
-def _embed(visual, images: torch.Tensor) -> torch.Tensor:
+def _embed(visual, images: torch.Tensor, antialias: bool = True) -> torch.Tensor:
     x = visual.conv1(images)  # [batch, d_model, grid_h, grid_w]
     grid = x.shape[-2:]
     x = x.flatten(2).transpose(1, 2)  # [batch, grid tokens, d_model]
     cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1) + positional_embedding(visual, grid).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + positional_embedding(visual, grid, antialias).to(x.dtype)
     return visual.ln_pre(x)  # [batch, token, d_model]
 
 

@@ -178,9 +178,9 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
     t_start = time.time()
     train_seed = world.SPLIT_SEEDS["train"] + seed
     last = steps if stop_after is None else min(steps, step + stop_after)
+    n_default = int(round(mix * batch_size)) if spurious is not None else 0  # images per batch from the default world
     while step < last:
         t0 = time.time()
-        n_default = int(round(mix * batch_size)) if spurious is not None else 0
         images, captions, _ = world.batch(train_seed, step * batch_size, batch_size - n_default, spurious=spurious)
         if n_default:
             more, more_captions, _ = world.batch(train_seed + 7919, step * batch_size, n_default)

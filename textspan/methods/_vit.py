@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..decomposition import _attention_parts, _check_images, _split_heads
+from ..decomposition import _attention_parts, _block_forward, _check_images, _embed, _split_heads
 from ..models import check_decomposable, visual_of
 
 
@@ -57,17 +57,7 @@ def grid_of(visual, images: torch.Tensor) -> tuple:
 def embed(visual, images: torch.Tensor, antialias: bool = True) -> torch.Tensor:
     """[b, N, d_model]: ln_pre(patches + CLS + positions), positions resampled to the image's grid when it differs
     from the model's (bicubic; with antialias as timm/LeGrad resample, without as the Grad-ECLIP notebook does)."""
-    x = visual.conv1(images)  # [b, d_model, gh, gw]
-    grid = tuple(x.shape[-2:])
-    x = x.flatten(2).transpose(1, 2)
-    pos = visual.positional_embedding
-    own = tuple(visual.grid_size)
-    if grid != own:
-        patch = pos[1:].float().reshape(1, own[0], own[1], -1).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
-        pos = torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)], dim=0)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    return visual.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
+    return _embed(visual, images, antialias)
 
 
 @dataclass
@@ -176,13 +166,8 @@ def start_block(start_layer: int, n_layers: int) -> int:
 
 
 def _fast_block(block, x: torch.Tensor) -> torch.Tensor:
-    q, k, v = qkv(block, x)
-    p = _attention_parts(block)
-    if p["ln_q"] is None and p["logit_scale"] is None:
-        out = F.scaled_dot_product_attention(q, k, v)
-    else:
-        out = attention_probs(block, q, k) @ v
-    return after_mlp(block, after_heads(block, x, merge_heads(block, out)))
+    """One block, no internals kept (the decomposition's forward: fused attention where the block allows it)."""
+    return _block_forward(block, x, keep_values=False)[0]
 
 
 def batched_vjp(fn, primal: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
