@@ -131,3 +131,7 @@ def test_compare_cli(world_dir, tmp_path):
     res = CliRunner().invoke(main, ["compare", str(imgs[0]), "--prompts", "a circle", "--methods", "legrad,nope",
                                     "-o", str(tmp_path / "d")])
     assert res.exit_code != 0 and "nope" in res.output
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    res = CliRunner().invoke(main, ["compare", str(bad), "--prompts", "a circle", "-o", str(tmp_path / "e")])
+    assert res.exit_code != 0 and "broken.png: cannot read the image" in res.output

@@ -79,6 +79,19 @@ def _parse_method_options(items) -> dict:
     return out
 
 
+def _read_images(paths):
+    """PIL images of the given files; an unreadable one stops the command with its name."""
+    from .datasets import load_rgb
+
+    out = []
+    for p in paths:
+        try:
+            out.append(load_rgb(p))
+        except Exception as exc:  # decoding errors come in many types
+            raise click.ClickException(f"{p}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+    return out
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -902,7 +915,6 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
     import numpy as np
     import torch
 
-    from .datasets import load_rgb
     from .heatmaps import heatmaps as make_maps
     from .models import fingerprint, model_info
     from .runinfo import write_run_json
@@ -914,7 +926,7 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
     if not prompts and not labels_dir:
         raise click.ClickException("give --prompts and/or --labels")
     model, preprocess, tokenizer = _load(model_name, pretrained, device or "cpu")
-    pil = [load_rgb(p) for p in images]
+    pil = _read_images(images)
     x = torch.stack([preprocess(im) for im in pil]).to(next(model.parameters()).device)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -1233,7 +1245,6 @@ def compare(images, methods, prompts, model_name, pretrained, device, output):
     import numpy as np
     import torch
 
-    from .datasets import load_rgb
     from .methods import explain, list_methods, upsample_maps
     from .models import fingerprint
     from .runinfo import write_run_json
@@ -1246,7 +1257,7 @@ def compare(images, methods, prompts, model_name, pretrained, device, output):
     if unknown:
         raise click.ClickException(f"unknown methods {unknown}; known: {', '.join(list_methods())}")
     model, preprocess, tokenizer = _load(model_name, pretrained, device or "cpu")
-    pil = [load_rgb(p) for p in images]
+    pil = _read_images(images)
     x = torch.stack([preprocess(im) for im in pil]).to(next(model.parameters()).device)
     try:
         T = torch.from_numpy(encode_texts(model, tokenizer, list(prompts)))
