@@ -181,8 +181,9 @@ def single_head_importance(t: TermLogits, labels: np.ndarray, chunk: int = 256) 
     for a in range(0, t.n, chunk):
         b = min(a + chunk, t.n)
         rows = _tensor(_rows(t.heads, t._sel(a, b)), copy=False)  # [chunk, L, H, d'], one sequential read
+        xc = torch.empty(H, b - a, mu.shape[-1])  # [H, chunk, d'], heads first, contiguous
         for l in range(L):
-            xc = torch.sub(rows[:, l].transpose(0, 1), mu[l][:, None, :]).contiguous()  # [H, chunk, d']
+            torch.sub(rows[:, l].transpose(0, 1), mu[l][:, None, :], out=xc)  # one pass (sub alone keeps the strides)
             logits = torch.baddbmm(base[a:b].expand(H, -1, -1), xc, neg_w)  # [H, chunk, C]
             correct[l] += (_hits(logits, y[a:b], later_twins) & keep[a:b]).sum(dim=1).numpy()
     return correct / max(1, int(keep.sum())) * 100
