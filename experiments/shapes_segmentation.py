@@ -6,7 +6,14 @@ the decomposition, the true description's map minus the mean over the 5, DESIGN.
 map of the true description). The decomposition's own map of the true description (no subtraction, like every other
 method's) is reported too, as "decomposition (own map)". Baseline: a centred Gaussian. Maps are upsampled to the image, clipped at 0 and
 min-max normalised (as `segment-eval`); reports pixel accuracy, mIoU, mAP and pointing-game accuracy (the map's
-maximum falls on the object).
+maximum falls on the object). "legrad (layers=all)" is LeGrad over every block instead of the last two.
+
+It also prints, per block, the zero-shot shape accuracy of the image feature LeGrad differentiates (ln_post of the mean
+over all tokens of the block's output, through proj) next to that of the CLS token (what the model's embedding is).
+
+With --published-legrad (in an environment with legrad-torch 1.1 on open_clip 2.23, where textspan also runs), it
+adds the published LeGrad (`LeWrapper(model).compute_legrad`, its own upsampling and min-max) on the same model and
+images, as "legrad (published code)", and prints the largest difference from textspan's upsampled maps.
 
     python experiments/shapes_segmentation.py [--n 1000] [--methods all] [--model shapes] [--output DIR]
 """
@@ -17,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import textspan
 from textspan import builtin, world
 from textspan.explain_eval import target_maps
+from textspan.methods._vit import trace
 from textspan.metrics import normalise_map, segmentation_scores
 from textspan.text import encode_texts
 from textspan.visualize import upsample
@@ -31,6 +40,32 @@ def pointing(maps, masks):
     return float(np.mean(hits) * 100)
 
 
+def prompts_for(labels):
+    """The 5 descriptions of the object, one per shape, with its true size and colour."""
+    article = "an" if labels["size"][0] in "aeiou" else "a"
+    return [f"{article} {labels['size']} {labels['colour']} {shape}" for shape in world.SHAPES]
+
+
+def block_features(model, tok, samples, chunk=250):
+    """Per block: zero-shot shape accuracy (%) of LeGrad's image feature and of the CLS token's."""
+    visual = model.visual
+    L = len(visual.transformer.resblocks)
+    hits = {"mean over tokens": np.zeros(L), "CLS token": np.zeros(L)}
+    for i in range(0, len(samples), chunk):
+        part = samples[i:i + chunk]
+        x = builtin.preprocess_batch(np.stack([s.image for s in part]))
+        T = torch.stack([torch.from_numpy(encode_texts(model, tok, prompts_for(s.labels))) for s in part])
+        true = torch.tensor([world.SHAPES.index(s.labels["shape"]) for s in part])
+        with torch.no_grad():
+            traces = trace(visual, x, list(range(L)))
+            for l in range(L):
+                for name, tokens in (("mean over tokens", traces[l].x_out.mean(dim=1)),
+                                     ("CLS token", traces[l].x_out[:, 0])):
+                    f = F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
+                    hits[name][l] += (torch.einsum("nd,npd->np", f, T).argmax(dim=1) == true).sum().item()
+    return {name: (h / len(samples) * 100).round(1).tolist() for name, h in hits.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
@@ -39,8 +74,14 @@ def main():
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--methods", default="all", help="comma-separated explainers, or all")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--published-legrad", action="store_true",
+                    help="also run legrad-torch 1.1 (needs it and open_clip 2.23 installed)")
     args = ap.parse_args()
     model, _, tok = textspan.load_model(args.model, args.pretrained)
+    published, published_diff = None, 0.0
+    if args.published_legrad:
+        import legrad  # legrad-torch 1.1; it hooks the model it wraps, so it gets its own copy
+        published = legrad.LeWrapper(textspan.load_model(args.model, args.pretrained)[0].eval(), layer_index=-2)
     samples = [world.sample(args.seed, i) for i in range(args.n)]
     masks = [s.mask for s in samples]
     size = world.SIZE
@@ -50,17 +91,18 @@ def main():
     results = {m: [] for m in methods}
     if "decomposition" in methods:
         results["decomposition (own map)"] = []
+    if "legrad" in methods:
+        results["legrad (layers=all)"] = []
+    if published is not None:
+        results["legrad (published code)"] = []
     results["gaussian"] = [normalise_map(gauss)] * args.n
     seconds = {m: 0.0 for m in methods}
     for i in range(0, args.n, 100):
         chunk = samples[i:i + 100]
         x = builtin.preprocess_batch(np.stack([s.image for s in chunk]))
         for k, s in enumerate(chunk):
-            lab = s.labels
-            prompts = [f"{'an' if lab['size'][0] in 'aeiou' else 'a'} {lab['size']} {lab['colour']} {shape}"
-                       for shape in world.SHAPES]
-            T = torch.from_numpy(encode_texts(model, tok, prompts))
-            true = world.SHAPES.index(lab["shape"])
+            T = torch.from_numpy(encode_texts(model, tok, prompts_for(s.labels)))
+            true = world.SHAPES.index(s.labels["shape"])
             for m in methods:
                 t0 = time.perf_counter()
                 rel = target_maps(model, x[k:k + 1], T, [true], m)[0]
@@ -69,6 +111,15 @@ def main():
                 if m == "decomposition":
                     own = textspan.explain(model, x[k:k + 1], T[true:true + 1], method=m, relative=False)[0, 0]
                     results["decomposition (own map)"].append(normalise_map(upsample(own, size).numpy()))
+                if m == "legrad":
+                    every = textspan.explain(model, x[k:k + 1], T[true:true + 1], method=m, layers="all")[0, 0]
+                    results["legrad (layers=all)"].append(normalise_map(upsample(every, size).numpy()))
+            if published is not None:
+                theirs = published.compute_legrad(T[true:true + 1], image=x[k:k + 1]).detach()[0, 0].numpy()
+                ours = textspan.upsample_maps(
+                    textspan.explain(model, x[k:k + 1], T[true:true + 1], method="legrad"), size)[0, 0].numpy()
+                published_diff = max(published_diff, float(np.abs(theirs - ours).max()))
+                results["legrad (published code)"].append(normalise_map(theirs))
     table = {}
     for name, maps in results.items():
         sc = segmentation_scores(maps, masks)
@@ -79,9 +130,18 @@ def main():
     for name, r in table.items():
         print(f"{name:<24}{r['pixel_accuracy']:>10.2f}{r['miou']:>8.2f}{r['map']:>8.2f}{r['pointing']:>10.2f}"
               f"{r['seconds']:>10.2f}")
+    if published is not None:
+        print(f"published LeGrad against textspan's upsampled min-max maps: largest difference {published_diff:.3g}")
+    features = block_features(model, tok, samples)
+    print("zero-shot shape accuracy (%) of the image feature at each block (ln_post, proj; 5 prompts, chance 20%):")
+    for name, accs in features.items():
+        print(f"  {name:<18}" + "".join(f"  block {l}: {a:5.1f}" for l, a in enumerate(accs)))
     if args.output:
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / "shapes_segmentation.json").write_text(json.dumps(table, indent=1))
+        (Path(args.output) / "shapes_segmentation.json").write_text(
+            json.dumps({"maps": table, "block_feature_shape_accuracy": features,
+                        "published_legrad_max_difference": published_diff if published is not None else None},
+                       indent=1))
 
 
 if __name__ == "__main__":
