@@ -369,3 +369,16 @@ def test_explainer_forward_is_the_models_on_every_block_kind(variant):
     for m in list_methods():
         maps = explain(model, imgs, T, method=m)
         assert maps.shape == (2, 2, 4, 4) and torch.isfinite(maps).all(), m
+
+
+@pytest.mark.parametrize("tower", [dict(pool_type="avg"), dict(attentional_pool=True, attn_pooler_heads=2)])
+def test_towers_the_decomposition_refuses_are_refused_by_every_method(tower):
+    from textspan.models import UnsupportedModelError
+
+    model = tiny_clip(seed=4, **tower)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    T = F.normalize(torch.randn(2, 24), dim=-1)
+    for m in list_methods():
+        with pytest.raises(UnsupportedModelError):
+            explain(model, random_images(1), T, method=m)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
