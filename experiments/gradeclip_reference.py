@@ -3,13 +3,14 @@
 
 The notebook is not part of this repository: download it and pass its path. This script runs the notebook's own code
 cells that define `attention_layer`, `clip_encode_dense`, `sim_qk` and `grad_eclip` (with its `x = x.half()` cast
-removed, so that the comparison is in float32), with `clipmodel` bound to an open_clip ViT-B-16. The notebook's
-forward is written for the sequence-first layout of OpenAI CLIP / open_clip 2.x, so run it where open_clip < 3 is
-installed (the environment of experiments/legrad_reference.py):
+removed, so that the comparison is in float32), with `clipmodel` bound to an open_clip ViT (--model, default
+ViT-B-16). The notebook's forward is written for the sequence-first layout of OpenAI CLIP / open_clip 2.x, so run it
+where open_clip < 3 is installed (the environment of experiments/legrad_reference.py):
 
     python experiments/gradeclip_reference.py --notebook grad_eclip_image.ipynb [--pretrained TAG]
 
-It prints the largest difference of the raw maps (relative to the map's maximum) per input size.
+It prints the largest difference of the raw maps (relative to the map's maximum) per input size. Models with layer
+scale are refused: the notebook's block has none.
 """
 import argparse
 import json
@@ -46,18 +47,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--notebook", required=True)
     ap.add_argument("--pretrained", default=None)
+    ap.add_argument("--model", default="ViT-B-16", help="an open_clip ViT name")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     import open_clip
 
     torch.manual_seed(args.seed)
-    model = open_clip.create_model("ViT-B-16", pretrained=args.pretrained).eval()
-    nb = notebook_functions(args.notebook, model, 224, 16)
+    model = open_clip.create_model(args.model, pretrained=args.pretrained).eval()
+    if any(not isinstance(b.ls_1, torch.nn.Identity) for b in model.visual.transformer.resblocks):
+        raise SystemExit(f"{args.model} has layer scale, which the notebook's hand-written block leaves out (it would "
+                         "compare another model); textspan keeps the model's layer scale. Choose a model without it.")
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    patch = model.visual.patch_size[0]
+    nb = notebook_functions(args.notebook, model, size, patch)
     g = torch.Generator().manual_seed(args.seed + 1)
     text = F.normalize(torch.randn(args.prompts, model.visual.proj.shape[1], generator=g), dim=-1)
     worst = 0.0
-    for h, w in ((224, 224), (320, 240)):
+    for h, w in ((size, size), (size + 6 * patch, size + patch)):  # 224 x 224 and 320 x 240 for ViT-B-16
         img = torch.randn(1, 3, h, w, generator=g)
         outputs, _, vs, qs, ks, _, outs, map_size = nb["clip_encode_dense"](img, n=1)
         cosine = (F.normalize(outputs[:, 0], dim=-1) @ text.T)[0]

@@ -6,12 +6,12 @@ weights and inputs. Two steps, two environments (the reference pins an old open_
     # 2. in textspan's environment:
     python experiments/legrad_reference.py compare --out runs/legrad_ref
 
-Step 1 builds ViT-B-16 with a seeded random initialisation (or loads --pretrained), saves its state dict, random
-images and prompt embeddings, and LeGrad's outputs: the upsampled min-max maps as LeWrapper.compute_legrad returns
-them, and the raw patch-grid maps (the same call with its upsampling and min-max replaced by the identity), for the
-default layers (layer_index=-2) and all layers (layer_index=0), at 224 px and at 288 px (resampled positions).
-Step 2 loads the same weights into the installed open_clip and compares `textspan.explain(..., method="legrad")` and
-`textspan.upsample_maps`.
+Step 1 builds --model (default ViT-B-16) with a seeded random initialisation (or loads --pretrained), saves its state
+dict, random images and prompt embeddings, and LeGrad's outputs: the upsampled min-max maps as
+LeWrapper.compute_legrad returns them, and the raw patch-grid maps (the same call with its upsampling and min-max
+replaced by the identity), for the default layers (layer_index=-2) and all layers (layer_index=0), at the model's own
+size and at a grid 4 patches larger (resampled positions; 224 and 288 px for ViT-B-16). Step 2 loads the same weights
+into the installed open_clip and compares `textspan.explain(..., method="legrad")` and `textspan.upsample_maps`.
 """
 import argparse
 import json
@@ -22,23 +22,26 @@ import numpy as np
 import torch
 
 
-def reference(out: Path, n_images: int, n_prompts: int, seed: int, pretrained):
+def reference(out: Path, n_images: int, n_prompts: int, seed: int, pretrained, arch: str = "ViT-B-16"):
     import legrad
     import legrad.wrapper as lw
     import open_clip
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = open_clip.create_model("ViT-B-16", pretrained=pretrained).eval()
+    model = open_clip.create_model(arch, pretrained=pretrained).eval()
     torch.save(model.state_dict(), out / "weights.pt")
     g = torch.Generator().manual_seed(seed + 1)
     text = torch.nn.functional.normalize(torch.randn(n_prompts, model.visual.proj.shape[1], generator=g), dim=-1)
     results = {"text": text.numpy()}
-    for size in (224, 288):
+    native = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    patch = model.visual.patch_size[0]
+    sizes = (native, native + 4 * patch)  # the model's own size, and a larger grid (resampled positions)
+    for size in sizes:
         images = torch.randn(n_images, 3, size, size, generator=g)
         results[f"images_{size}"] = images.numpy()
         for name, layer_index in (("default", -2), ("all", 0)):
-            m = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+            m = open_clip.create_model(arch, pretrained=None).eval()
             m.load_state_dict(torch.load(out / "weights.pt"))
             wrapped = legrad.LeWrapper(m, layer_index=layer_index)
             up, raw = [], []
@@ -59,7 +62,8 @@ def reference(out: Path, n_images: int, n_prompts: int, seed: int, pretrained):
     np.savez(out / "reference.npz", **results)
     from open_clip.version import __version__ as oc
     (out / "reference.json").write_text(json.dumps({"open_clip": oc, "legrad": "1.1", "seed": seed,
-                                                    "pretrained": pretrained}))
+                                                    "pretrained": pretrained, "model": arch,
+                                                    "sizes": list(sizes)}))
     print(f"wrote {out / 'reference.npz'} (open_clip {oc})")
 
 
@@ -68,11 +72,12 @@ def compare(out: Path):
     import textspan
 
     ref = np.load(out / "reference.npz")
-    model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+    info = json.loads((out / "reference.json").read_text())
+    model = open_clip.create_model(info.get("model", "ViT-B-16"), pretrained=None).eval()
     model.load_state_dict(torch.load(out / "weights.pt"))
     text = torch.from_numpy(ref["text"])
     rows = []
-    for size in (224, 288):
+    for size in info.get("sizes", (224, 288)):
         images = torch.from_numpy(ref[f"images_{size}"])
         for name, layers in (("default", None), ("all", "all")):
             raw = textspan.explain(model, images, text, method="legrad", layers=layers)
@@ -102,8 +107,9 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pretrained", default=None, help="an open_clip pretrained tag or checkpoint (default: random)")
+    ap.add_argument("--model", default="ViT-B-16", help="an open_clip ViT name (step reference; compare reads it)")
     args = ap.parse_args()
     if args.step == "reference":
-        reference(Path(args.out), args.images, args.prompts, args.seed, args.pretrained)
+        reference(Path(args.out), args.images, args.prompts, args.seed, args.pretrained, args.model)
     else:
         raise SystemExit(0 if compare(Path(args.out)) else 1)
