@@ -5,7 +5,7 @@ A cache-like heads.npy [n = 10000, 24 layers, 16 heads, d' = 768] float32 (11.8 
 `single_head_importance` (the accuracy with each of the 384 heads mean-ablated), and the arithmetic rate reached.
 Goal (issue: ablations): under 30 s on 2 CPU cores.
 
-    python benchmarks/bench_ablation.py [--n 10000] [--classes 1000] [--keep]
+    python benchmarks/bench_ablation.py [--n 10000] [--classes 1000] [--dir DIR]
 """
 import argparse
 import os
