@@ -135,3 +135,43 @@ def test_compare_cli(world_dir, tmp_path):
     bad.write_bytes(b"not a png")
     res = CliRunner().invoke(main, ["compare", str(bad), "--prompts", "a circle", "-o", str(tmp_path / "e")])
     assert res.exit_code != 0 and "broken.png: cannot read the image" in res.output
+
+
+def test_perturb_eval_resumes_an_interrupted_run(world_dir, tmp_path, monkeypatch):
+    import textspan.explain_eval as ee
+
+    args = ["perturb-eval", str(world_dir / "w" / "images"), "--classes", str(world_dir / "classes.txt"),
+            "--method", "rollout", "--batch-size", "3", "--quiet"]
+    r = CliRunner()
+    whole = r.invoke(main, [*args, "-o", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    want = json.loads((tmp_path / "whole" / "perturbation.json").read_text())
+
+    real, calls = ee.perturbation_counts, []
+
+    def dies_on_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ee, "perturbation_counts", dies_on_third_batch)
+    cut = r.invoke(main, [*args, "-o", str(tmp_path / "cut")])
+    assert cut.exit_code != 0 and not (tmp_path / "cut" / "perturbation.json").exists()
+    saved = json.loads((tmp_path / "cut" / "perturbation_progress.json").read_text())
+    assert saved["next_index"] == 6 and saved["n"] == 6  # two whole batches kept, the third not
+    monkeypatch.setattr(ee, "perturbation_counts", real)
+    resumed = r.invoke(main, [*args, "-o", str(tmp_path / "cut")])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming at image 6 of 10" in resumed.output
+    got = json.loads((tmp_path / "cut" / "perturbation.json").read_text())
+    assert got["steps"] == want["steps"] and got["n_images"] == want["n_images"] == 10
+    assert got["positive_auc"] == want["positive_auc"] and got["negative_auc"] == want["negative_auc"]
+    # another method into the same folder is refused, not mixed in; --overwrite starts afresh
+    other = ["perturb-eval", str(world_dir / "w" / "images"), "--classes", str(world_dir / "classes.txt"),
+             "--method", "raw_attention", "--quiet", "-o", str(tmp_path / "cut")]
+    res = r.invoke(main, other)
+    assert res.exit_code != 0 and "other settings (method)" in res.output
+    res = r.invoke(main, [*other, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cut" / "perturbation.json").read_text())["method"] == "raw_attention"

@@ -1130,19 +1130,23 @@ def _zero_shot_classifier(model, tokenizer, model_name, classifier_file, classes
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="use the first N images only.")
 @run_options
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="start afresh over an unfinished run made with other settings.")
 def perturb_eval(images, model_name, pretrained, device, classifier_file, classes, templates, method, method_option,
-                 limit, batch_size, quiet, output):
+                 limit, batch_size, quiet, output, overwrite):
     """Positive and negative perturbation: remove the most (positive) or least (negative) relevant patches for the
     predicted class, 10% .. 90% in steps of 10%, and measure zero-shot accuracy at each step (against the class
     sub-folder when the images have one, else against the unperturbed prediction). A removed patch is set to 0 in
     the normalised image (the preprocessing mean colour), the same for every method. Writes perturbation.json
-    (positive_auc, negative_auc, steps), perturbation.csv and perturbation.png."""
+    (positive_auc, negative_auc, steps), perturbation.csv and perturbation.png. The counts so far are saved after
+    every batch (perturbation_progress.json): rerun the same command to resume an interrupted run."""
     import csv
+    import hashlib
 
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
+    from .cache import write_json_atomic
     from .datasets import ImageDataset, ImageList, collate_with_failures
     from .explain_eval import FRACTIONS, area_under, perturbation_counts, target_maps
     from .models import fingerprint
@@ -1167,13 +1171,26 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
         missing = sorted(set(items.classes) - set(classnames))
         if missing:
             raise click.ClickException(f"class folders not in the classifier's classes: {missing[:5]}")
-    loader = torch.utils.data.DataLoader(ImageDataset(items, preprocess), batch_size=batch_size,
-                                         collate_fn=collate_with_failures)
-    counts = {"positive": np.zeros(len(FRACTIONS), np.int64), "negative": np.zeros(len(FRACTIONS), np.int64)}
-    n, failures = 0, []
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(model)
+    settings = {"model": model_name, "pretrained": pretrained, "fingerprint": fp, "method": method,
+                "options": options, "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(),
+                "classes": list(classnames), "images_digest": items.digest, "n_images": len(items),
+                "target": "class folder" if has_labels else "unperturbed prediction"}
+    progress = _perturbation_progress(out / "perturbation_progress.json", settings, overwrite)
+    counts = {k: np.asarray(progress["counts"][k], np.int64) for k in ("positive", "negative")}
+    n, failures, start = progress["n"], progress["failures"], progress["next_index"]
+    if start:
+        click.echo(f"resuming at image {start} of {len(items)} ({n} done)" if start < len(items) else
+                   f"all {len(items)} images were done before; writing the results again", err=True)
+    loader = torch.utils.data.DataLoader(ImageDataset(items, preprocess, indices=range(start, len(items))),
+                                         batch_size=batch_size, collate_fn=collate_with_failures)
     for idx, x, bad in tqdm(loader, disable=quiet, desc=f"perturbation ({method})", unit="batch"):
         failures += [{"item": items.paths[i], "error": e} for i, e in bad]
+        progress["next_index"] = max(list(idx) + [i for i, _ in bad]) + 1
         if x is None:
+            write_json_atomic(out / "perturbation_progress.json", progress)
             continue
         x = x.to(dev)
         with torch.no_grad():
@@ -1188,6 +1205,8 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
         for k in counts:
             counts[k] += c[k]
         n += x.shape[0]
+        progress.update(n=n, failures=failures, counts={k: v.tolist() for k, v in counts.items()})
+        write_json_atomic(out / "perturbation_progress.json", progress)  # a batch's counts are saved whole or not
     if n == 0:
         raise click.ClickException(f"no readable images in {images} ({len(failures)} failed)")
     acc = {k: 100.0 * v / n for k, v in counts.items()}
@@ -1199,8 +1218,6 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
               "negative_auc": area_under(FRACTIONS, acc["negative"]),
               "steps": steps, "removal": "patches set to 0 in the normalised image (preprocessing mean colour)",
               "failures": failures}
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "perturbation.json").write_text(json.dumps(result, indent=1))
     with open(out / "perturbation.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(steps[0]))
@@ -1208,10 +1225,30 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
         w.writerows(steps)
     _perturbation_plot(out / "perturbation.png", FRACTIONS, acc, method)
     write_run_json(out, "perturb-eval", dict(images=images, model=model_name, pretrained=pretrained, method=method,
-                                             options=options, limit=limit), model_fingerprint=fingerprint(model),
+                                             options=options, limit=limit), model_fingerprint=fp,
                    started=t0)
     click.echo(f"{method}: positive AUC {result['positive_auc']:.2f} (lower is better), negative AUC "
                f"{result['negative_auc']:.2f} (higher is better); {n} images, {len(failures)} failed")
+
+
+def _perturbation_progress(path: Path, settings: dict, overwrite: bool) -> dict:
+    """The saved state of a perturb-eval run in this folder with these settings, or a fresh one. Refuses (unless
+    --overwrite) a saved run made with other settings: mixing its counts with these would be wrong."""
+    from .explain_eval import FRACTIONS
+
+    fresh = dict(settings, next_index=0, n=0, failures=[],
+                 counts={k: [0] * len(FRACTIONS) for k in ("positive", "negative")})
+    if not path.is_file() or overwrite:
+        return fresh
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as exc:
+        raise click.ClickException(f"{path}: unreadable ({exc}); use --overwrite to start afresh") from exc
+    differ = [k for k in settings if old.get(k) != settings[k]]
+    if differ:
+        raise click.ClickException(f"{path.parent} holds a perturb-eval run made with other settings "
+                                   f"({', '.join(differ)}); use another --output, or --overwrite to start afresh")
+    return old
 
 
 def _perturbation_plot(path, fractions, acc, method):
