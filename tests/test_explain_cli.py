@@ -175,3 +175,35 @@ def test_perturb_eval_resumes_an_interrupted_run(world_dir, tmp_path, monkeypatc
     res = r.invoke(main, [*other, "--overwrite"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "cut" / "perturbation.json").read_text())["method"] == "raw_attention"
+
+
+def test_segment_eval_resumes_an_interrupted_run(world_dir, tmp_path, monkeypatch):
+    import textspan.metrics as metrics
+
+    args = ["segment-eval", str(world_dir / "w"), "--classes", str(world_dir / "classes.txt"), "--method", "chefer",
+            "--batch-size", "3", "--quiet"]
+    r = CliRunner()
+    whole = r.invoke(main, [*args, "-o", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    real, calls = metrics.segmentation_row, []
+
+    def dies_in_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(metrics, "segmentation_row", dies_in_second_batch)
+    cut = r.invoke(main, [*args, "-o", str(tmp_path / "cut")])
+    assert cut.exit_code != 0 and not (tmp_path / "cut" / "segmentation.json").exists()
+    saved = json.loads((tmp_path / "cut" / "segment_progress.json").read_text())
+    assert saved["next_entry"] == 3 and len(saved["rows"]) == 3
+    monkeypatch.setattr(metrics, "segmentation_row", real)
+    resumed = r.invoke(main, [*args, "-o", str(tmp_path / "cut")])
+    assert resumed.exit_code == 0 and "resuming after 3 entries" in resumed.output, resumed.output
+    for name in ("segmentation.json", "per_image.csv"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    assert sorted(p.name for p in (tmp_path / "cut").glob("sample_*.png")) == \
+        sorted(p.name for p in (tmp_path / "whole").glob("sample_*.png"))
+    res = r.invoke(main, [*args, "--target", "true", "-o", str(tmp_path / "cut")])
+    assert res.exit_code != 0 and "other settings (target)" in res.output

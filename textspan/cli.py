@@ -986,13 +986,16 @@ def heatmap(images, model_name, pretrained, device, prompts, head_spec, layers, 
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
 @click.option("--quiet", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="start afresh over an unfinished run made with other settings.")
 def segment_eval(data, model_name, pretrained, device, classifier_file, classes, templates, target, samples,
-                 method, method_option, batch_size, output, quiet):
+                 method, method_option, batch_size, output, quiet, overwrite):
     """Zero-shot segmentation with an explainer's maps (default: the decomposition): DATA is gtsegs_ijcv.mat or a
     folder with images/ and masks/ (same relative paths). Map of the chosen class (decomposition: minus the mean over
     classes), clipped at 0, min-max normalised, thresholded at its mean -> segmentation.json (pixel_accuracy, miou,
-    map), per-image CSV, sample overlays."""
+    map), per-image CSV, sample overlays. Per-image results are saved after every batch (segment_progress.json):
+    rerun the same command to resume an interrupted run."""
     import csv
+    import hashlib
 
     import numpy as np
     import torch
@@ -1000,10 +1003,11 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     from tqdm.auto import tqdm
 
     from . import segmentation as seg
+    from .cache import write_json_atomic
     from .decomposition import project
     from .explain_eval import target_maps
     from .heatmaps import patch_maps
-    from .metrics import normalise_map, segmentation_scores
+    from .metrics import aggregate_segmentation, normalise_map, segmentation_row
     from .models import fingerprint, model_info
     from .runinfo import write_run_json
     from .visualize import overlay, upsample
@@ -1018,12 +1022,35 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     is_mat = Path(data).is_file()
     if target == "true" and is_mat:
         raise click.ClickException("--target true needs class sub-folders (folder data); the .mat has no labels")
-    entries = seg.iter_mat(data) if is_mat else seg.iter_folder(data)
+    options = _parse_method_options(method_option)
+    if is_mat:
+        data_id = f"{Path(data).resolve()} ({Path(data).stat().st_size} bytes)"
+    else:
+        try:
+            listed = seg.folder_images(data)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        data_id = hashlib.sha256("\n".join(str(q.relative_to(Path(data))) for q in listed).encode()).hexdigest()
+    fp = fingerprint(model)
+    settings = {"model": model_name, "pretrained": pretrained, "fingerprint": fp, "method": method,
+                "options": options, "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(),
+                "classes": list(classnames), "data": data_id, "target": target}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    progress_file = out / "segment_progress.json"
+    progress = _saved_progress(progress_file, settings, overwrite, "segment-eval",
+                               dict(next_entry=0, rows=[], failures=[], samples=0))
+    rows, failures = progress["rows"], progress["failures"]
+    consumed = progress["next_entry"]
+    if consumed:
+        click.echo(f"resuming after {consumed} entries ({len(rows)} images scored)", err=True)
+    entries = seg.iter_mat(data, start=consumed) if is_mat else seg.iter_folder(data, start=consumed)
     to_mask = seg.mask_transform(preprocess)
-    maps_out, masks_out, names, failures, shown = [], [], [], [], []
     pending = []
 
-    options = _parse_method_options(method_option)
+    def save():
+        progress["next_entry"] = consumed
+        write_json_atomic(progress_file, progress)
 
     def flush():
         x = torch.stack([preprocess(im) for _, im, _ in pending]).to(dev)
@@ -1045,26 +1072,29 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
                 chosen.append((k, int(logits[k].argmax())))
         if not chosen:
             pending.clear()
+            save()
             return
         if method == "decomposition" and not options:
             class_maps = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c in chosen])
         else:
-            rows = [k for k, _ in chosen]
+            picked = [k for k, _ in chosen]
             try:
-                class_maps = target_maps(model, x[rows], T, [c for _, c in chosen], method, **options)
+                class_maps = target_maps(model, x[picked], T, [c for _, c in chosen], method, **options)
             except (TypeError, ValueError) as exc:
                 raise click.ClickException(f"--method {method}: {exc}") from exc
         for (k, c), m in zip(chosen, class_maps):
             name, im, mask = pending[k]
             up = upsample(m.cpu(), x.shape[-2:]).numpy()
-            maps_out.append(normalise_map(up))
-            masks_out.append(mask)
-            names.append(name)
-            if len(shown) < samples:
-                shown.append((name, im.resize((x.shape[-1], x.shape[-2])), m.cpu().numpy(), classnames[c]))
+            rows.append({"item": name, "index": len(rows), **segmentation_row(normalise_map(up), mask)})
+            if progress["samples"] < samples:
+                shown = im.resize((x.shape[-1], x.shape[-2]))
+                overlay(shown, m.cpu().numpy()).save(out / f"sample_{progress['samples']:02d}.png")
+                progress["samples"] += 1
         pending.clear()
+        save()  # a batch's rows are saved whole or not at all
 
     for name, im, mask, err in tqdm(entries, disable=quiet, desc="segmentation", unit="img"):
+        consumed += 1
         if err is not None:
             failures.append({"item": str(name), "error": err})
             continue
@@ -1074,24 +1104,19 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
             flush()
     if pending:
         flush()
-    if not maps_out:
+    save()
+    if not rows:
         raise click.ClickException(f"no usable entries in {data} ({len(failures)} failed)")
-    res = segmentation_scores(maps_out, masks_out)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = res.pop("rows")
+    res = aggregate_segmentation(rows)
     with open(out / "per_image.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["item"] + list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        for name, r in zip(names, rows):
-            w.writerow({"item": name, **r})
+        w.writerows(rows)
     res["failures"] = failures
     (out / "segmentation.json").write_text(json.dumps(res, indent=1))
-    for k, (name, im, m, cname) in enumerate(shown):
-        overlay(im, m).save(out / f"sample_{k:02d}.png")
     write_run_json(out, "segment-eval", dict(data=data, model=model_name, pretrained=pretrained, target=target,
                                              method=method, options=options),
-                   model_fingerprint=fingerprint(model), started=t0)
+                   model_fingerprint=fp, started=t0)
     click.echo(f"pixel accuracy {res['pixel_accuracy']:.2f}%  mIoU {res['miou']:.2f}%  mAP {res['map']:.2f}%  "
                f"({res['n_images']} images, {len(failures)} failed)")
 
@@ -1178,7 +1203,9 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
                 "options": options, "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(),
                 "classes": list(classnames), "images_digest": items.digest, "n_images": len(items),
                 "target": "class folder" if has_labels else "unperturbed prediction"}
-    progress = _perturbation_progress(out / "perturbation_progress.json", settings, overwrite)
+    progress = _saved_progress(out / "perturbation_progress.json", settings, overwrite, "perturb-eval",
+                               dict(next_index=0, n=0, failures=[],
+                                    counts={k: [0] * len(FRACTIONS) for k in ("positive", "negative")}))
     counts = {k: np.asarray(progress["counts"][k], np.int64) for k in ("positive", "negative")}
     n, failures, start = progress["n"], progress["failures"], progress["next_index"]
     if start:
@@ -1231,22 +1258,19 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
                f"{result['negative_auc']:.2f} (higher is better); {n} images, {len(failures)} failed")
 
 
-def _perturbation_progress(path: Path, settings: dict, overwrite: bool) -> dict:
-    """The saved state of a perturb-eval run in this folder with these settings, or a fresh one. Refuses (unless
-    --overwrite) a saved run made with other settings: mixing its counts with these would be wrong."""
-    from .explain_eval import FRACTIONS
-
-    fresh = dict(settings, next_index=0, n=0, failures=[],
-                 counts={k: [0] * len(FRACTIONS) for k in ("positive", "negative")})
+def _saved_progress(path: Path, settings: dict, overwrite: bool, command: str, fresh: dict) -> dict:
+    """The saved state of a `command` run in this folder with these settings, or `fresh` (with the settings).
+    Refuses (unless --overwrite) a saved run made with other settings: mixing its results with these would be
+    wrong."""
     if not path.is_file() or overwrite:
-        return fresh
+        return dict(settings, **fresh)
     try:
         old = json.loads(path.read_text())
     except ValueError as exc:
         raise click.ClickException(f"{path}: unreadable ({exc}); use --overwrite to start afresh") from exc
     differ = [k for k in settings if old.get(k) != settings[k]]
     if differ:
-        raise click.ClickException(f"{path.parent} holds a perturb-eval run made with other settings "
+        raise click.ClickException(f"{path.parent} holds a {command} run made with other settings "
                                    f"({', '.join(differ)}); use another --output, or --overwrite to start afresh")
     return old
 

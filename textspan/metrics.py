@@ -48,33 +48,39 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum((recall - prev) * precision))
 
 
+def segmentation_row(m, gt) -> dict:
+    """One image's part of `segmentation_scores`: its scores (percent) and the pixel counts the dataset-level
+    scores sum (correct_pixels, pixels, intersection_/union_ background and foreground)."""
+    m = np.asarray(m, dtype=np.float64)
+    gt = np.asarray(gt, dtype=bool)
+    pred = m > m.mean()
+    row = {"correct_pixels": int((pred == gt).sum()), "pixels": int(gt.size)}
+    for name, p, g in (("background", ~pred, ~gt), ("foreground", pred, gt)):
+        row[f"intersection_{name}"] = int((p & g).sum())
+        row[f"union_{name}"] = int((p | g).sum())
+    ap = average_precision(np.concatenate([~gt.ravel(), gt.ravel()]), np.concatenate([1 - m.ravel(), m.ravel()]))
+    scores = {"pixel_accuracy": row["correct_pixels"] / max(row["pixels"], 1) * 100, "ap": ap * 100}
+    for name in ("background", "foreground"):
+        u = row[f"union_{name}"]
+        scores[f"iou_{name}"] = row[f"intersection_{name}"] / u * 100 if u else 100.0
+    return {**scores, **row}
+
+
+def aggregate_segmentation(rows) -> dict:
+    """Dataset-level scores from per-image rows of `segmentation_row`: pixel accuracy and IoU per class from the
+    summed counts, mIoU their mean, mAP the mean of the per-image APs (percent)."""
+    total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+    iou = {c: total(f"intersection_{c}") / max(total(f"union_{c}"), 1) * 100 for c in ("background", "foreground")}
+    return {"pixel_accuracy": total("correct_pixels") / max(total("pixels"), 1) * 100,
+            "iou_background": float(iou["background"]), "iou_foreground": float(iou["foreground"]),
+            "miou": float((iou["background"] + iou["foreground"]) / 2),
+            "map": float(np.mean([r["ap"] for r in rows])) if rows else 0.0, "n_images": len(rows)}
+
+
 def segmentation_scores(maps, masks) -> dict:
     """DESIGN.md section 6: maps [n, h, w] already normalised to [0, 1] (see `normalise_map`), masks [n, h, w]
     (foreground true). Prediction = map > its own mean. Returns pixel accuracy, IoU per class (background,
     foreground; intersections and unions summed over the dataset), mIoU, mAP (per-image AP of the pooled
     [1 - map, map] scores against one-hot [background, foreground] labels) in percent, and per-image rows."""
-    inter = np.zeros(2)
-    union = np.zeros(2)
-    correct = total = 0
-    rows = []
-    for k, (m, gt) in enumerate(zip(maps, masks)):
-        m = np.asarray(m, dtype=np.float64)
-        gt = np.asarray(gt, dtype=bool)
-        pred = m > m.mean()
-        correct += int((pred == gt).sum())
-        total += gt.size
-        i_img, u_img = [], []
-        for c, (p, g) in enumerate(((~pred, ~gt), (pred, gt))):
-            i, u = int((p & g).sum()), int((p | g).sum())
-            inter[c] += i
-            union[c] += u
-            i_img.append(i)
-            u_img.append(u)
-        ap = average_precision(np.concatenate([~gt.ravel(), gt.ravel()]), np.concatenate([1 - m.ravel(), m.ravel()]))
-        rows.append({"index": k, "pixel_accuracy": float((pred == gt).mean() * 100), "ap": ap * 100,
-                     "iou_background": i_img[0] / u_img[0] * 100 if u_img[0] else 100.0,
-                     "iou_foreground": i_img[1] / u_img[1] * 100 if u_img[1] else 100.0})
-    iou = inter / np.maximum(union, 1) * 100
-    return {"pixel_accuracy": correct / max(total, 1) * 100, "iou_background": float(iou[0]),
-            "iou_foreground": float(iou[1]), "miou": float(iou.mean()),
-            "map": float(np.mean([r["ap"] for r in rows])) if rows else 0.0, "n_images": len(rows), "rows": rows}
+    rows = [{"index": k, **segmentation_row(m, gt)} for k, (m, gt) in enumerate(zip(maps, masks))]
+    return {**aggregate_segmentation(rows), "rows": rows}

@@ -47,14 +47,14 @@ def mask_array(mask_img: Image.Image) -> np.ndarray:
     return np.asarray(mask_img.convert("L")) > 0
 
 
-def iter_mat(path) -> Iterator[Tuple[int, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
+def iter_mat(path, start: int = 0) -> Iterator[Tuple[int, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
     """(index, RGB image, mask, error) for each entry of gtsegs_ijcv.mat (HDF5: object references under value/img
-    and value/gt). A broken entry yields its error instead of stopping the iteration."""
+    and value/gt), from entry `start` on. A broken entry yields its error instead of stopping the iteration."""
     import h5py
 
     with h5py.File(path, "r") as f:
         refs_img, refs_gt = f["value/img"], f["value/gt"]
-        for i in range(refs_img.shape[0]):
+        for i in range(start, refs_img.shape[0]):
             try:
                 img = np.array(f[refs_img[i, 0]]).transpose(2, 1, 0)  # stored as [3, W, H]
                 gt_ref = f[refs_gt[i, 0]]
@@ -64,16 +64,25 @@ def iter_mat(path) -> Iterator[Tuple[int, Optional[Image.Image], Optional[np.nda
                 yield i, None, None, f"{type(exc).__name__}: {exc}"
 
 
-def iter_folder(folder) -> Iterator[Tuple[str, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
-    """(name, RGB image, mask, error) for FOLDER/images/** with masks at the same relative path (any extension
-    for the image, .png for the mask) under FOLDER/masks/."""
-    from .datasets import IMAGE_EXTENSIONS, load_rgb
+def folder_images(folder) -> List[Path]:
+    """The images of a segmentation folder (FOLDER/images/**), sorted: the order `iter_folder` yields them in."""
+    from .datasets import IMAGE_EXTENSIONS
 
     root = Path(folder)
     images = sorted(p for p in (root / "images").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(f"{folder}: expected images under {root / 'images'} and masks under {root / 'masks'}")
-    for p in images:
+    return images
+
+
+def iter_folder(folder, start: int = 0) -> Iterator[Tuple[str, Optional[Image.Image], Optional[np.ndarray],
+                                                         Optional[str]]]:
+    """(name, RGB image, mask, error) for FOLDER/images/** with masks at the same relative path (any extension
+    for the image, .png for the mask) under FOLDER/masks/, from the `start`-th image on."""
+    from .datasets import load_rgb
+
+    root = Path(folder)
+    for p in folder_images(folder)[start:]:
         rel = p.relative_to(root / "images")
         try:
             mask_path = (root / "masks" / rel).with_suffix(".png")
