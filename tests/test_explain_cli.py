@@ -137,6 +137,19 @@ def test_compare_cli(world_dir, tmp_path):
     assert res.exit_code != 0 and "broken.png: cannot read the image" in res.output
 
 
+def dies_on_call(fn, n):
+    """fn, except that its n-th call raises (a run killed midway)."""
+    calls = []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("killed")
+        return fn(*a, **k)
+
+    return wrapped
+
+
 def test_perturb_eval_resumes_an_interrupted_run(world_dir, tmp_path, monkeypatch):
     import textspan.explain_eval as ee
 
@@ -147,15 +160,8 @@ def test_perturb_eval_resumes_an_interrupted_run(world_dir, tmp_path, monkeypatc
     assert whole.exit_code == 0, whole.output
     want = json.loads((tmp_path / "whole" / "perturbation.json").read_text())
 
-    real, calls = ee.perturbation_counts, []
-
-    def dies_on_third_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(*a, **k)
-
-    monkeypatch.setattr(ee, "perturbation_counts", dies_on_third_batch)
+    real = ee.perturbation_counts
+    monkeypatch.setattr(ee, "perturbation_counts", dies_on_call(real, 3))  # the third batch
     cut = r.invoke(main, [*args, "-o", str(tmp_path / "cut")])
     assert cut.exit_code != 0 and not (tmp_path / "cut" / "perturbation.json").exists()
     saved = json.loads((tmp_path / "cut" / "perturbation_progress.json").read_text())
@@ -185,15 +191,8 @@ def test_segment_eval_resumes_an_interrupted_run(world_dir, tmp_path, monkeypatc
     r = CliRunner()
     whole = r.invoke(main, [*args, "-o", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
-    real, calls = metrics.segmentation_row, []
-
-    def dies_in_second_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("killed")
-        return real(*a, **k)
-
-    monkeypatch.setattr(metrics, "segmentation_row", dies_in_second_batch)
+    real = metrics.segmentation_row
+    monkeypatch.setattr(metrics, "segmentation_row", dies_on_call(real, 5))  # inside the second batch of 3
     cut = r.invoke(main, [*args, "-o", str(tmp_path / "cut")])
     assert cut.exit_code != 0 and not (tmp_path / "cut" / "segmentation.json").exists()
     saved = json.loads((tmp_path / "cut" / "segment_progress.json").read_text())
