@@ -21,6 +21,8 @@ def test_mat_reader_round_trip(tmp_path):
     assert [g[0] for g in got] == [0, 1, 2] and all(g[3] is None for g in got)
     for (_, im, m, _), img, mask in zip(got, images, masks):
         assert np.array_equal(np.asarray(im), img) and np.array_equal(m, mask)
+    later = list(seg.iter_mat(tmp_path / "gt.mat", start=1))  # where a resumed segment-eval starts
+    assert [g[0] for g in later] == [1, 2] and np.array_equal(later[1][2], masks[2])
 
 
 def test_mask_stays_aligned_with_a_non_square_crop(tmp_path):
