@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._vit import after_heads, after_mlp, attention_probs, embed, grid_of, merge_heads, patch_columns, qkv, start_block
+from ._vit import block_forward, embed, grid_of, patch_columns, start_block
 
 
 @register("rollout")
@@ -18,12 +18,11 @@ def rollout(visual, images, T, start_layer: int = 0):
         x = embed(visual, images)
         R = None
         for l, block in enumerate(blocks):
-            q, k, v = qkv(block, x)
-            probs = attention_probs(block, q, k)  # [b, H, N, N]
+            t = block_forward(block, x)  # t.probs: [b, H, N, N]
             if l >= start:
-                A = probs.mean(dim=1) + torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+                A = t.probs.mean(dim=1) + torch.eye(t.probs.shape[-1], dtype=t.probs.dtype, device=t.probs.device)
                 A = A / A.sum(dim=-1, keepdim=True)
                 R = A if R is None else A @ R
-            x = after_mlp(block, after_heads(block, x, merge_heads(block, probs @ v)))
+            x = t.x_out
     maps = patch_columns(R[:, 0], grid_of(visual, images))
     return maps[:, None].expand(-1, T.shape[0], -1, -1).contiguous()
