@@ -1032,9 +1032,7 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
             raise click.ClickException(str(exc)) from exc
         data_id = hashlib.sha256("\n".join(str(q.relative_to(Path(data))) for q in listed).encode()).hexdigest()
     fp = fingerprint(model)
-    settings = {"model": model_name, "pretrained": pretrained, "fingerprint": fp, "method": method,
-                "options": options, "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(),
-                "classes": list(classnames), "data": data_id, "target": target}
+    settings = _eval_settings(model_name, pretrained, fp, method, options, W, classnames, data=data_id, target=target)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     progress_file = out / "segment_progress.json"
@@ -1120,6 +1118,7 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     click.echo(f"pixel accuracy {res['pixel_accuracy']:.2f}%  mIoU {res['miou']:.2f}%  mAP {res['map']:.2f}%  "
                f"({res['n_images']} images, {len(failures)} failed)")
 
+
 def _zero_shot_classifier(model, tokenizer, model_name, classifier_file, classes, templates):
     """(W [d', C] float32, class names) from a .npy, or built from --classes / --templates."""
     import numpy as np
@@ -1165,7 +1164,6 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
     (positive_auc, negative_auc, steps), perturbation.csv and perturbation.png. The counts so far are saved after
     every batch (perturbation_progress.json): rerun the same command to resume an interrupted run."""
     import csv
-    import hashlib
 
     import numpy as np
     import torch
@@ -1199,11 +1197,10 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(model)
-    settings = {"model": model_name, "pretrained": pretrained, "fingerprint": fp, "method": method,
-                "options": options, "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(),
-                "classes": list(classnames), "images_digest": items.digest, "n_images": len(items),
-                "target": "class folder" if has_labels else "unperturbed prediction"}
-    progress = _saved_progress(out / "perturbation_progress.json", settings, overwrite, "perturb-eval",
+    settings = _eval_settings(model_name, pretrained, fp, method, options, W, classnames, images_digest=items.digest,
+                              n_images=len(items), target="class folder" if has_labels else "unperturbed prediction")
+    progress_file = out / "perturbation_progress.json"
+    progress = _saved_progress(progress_file, settings, overwrite, "perturb-eval",
                                dict(next_index=0, n=0, failures=[],
                                     counts={k: [0] * len(FRACTIONS) for k in ("positive", "negative")}))
     counts = {k: np.asarray(progress["counts"][k], np.int64) for k in ("positive", "negative")}
@@ -1217,7 +1214,7 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
         failures += [{"item": items.paths[i], "error": e} for i, e in bad]
         progress["next_index"] = max(list(idx) + [i for i, _ in bad]) + 1
         if x is None:
-            write_json_atomic(out / "perturbation_progress.json", progress)
+            write_json_atomic(progress_file, progress)
             continue
         x = x.to(dev)
         with torch.no_grad():
@@ -1233,14 +1230,13 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
             counts[k] += c[k]
         n += x.shape[0]
         progress.update(n=n, failures=failures, counts={k: v.tolist() for k, v in counts.items()})
-        write_json_atomic(out / "perturbation_progress.json", progress)  # a batch's counts are saved whole or not
+        write_json_atomic(progress_file, progress)  # a batch's counts are saved whole or not
     if n == 0:
         raise click.ClickException(f"no readable images in {images} ({len(failures)} failed)")
     acc = {k: 100.0 * v / n for k, v in counts.items()}
     steps = [{"fraction": f, "positive_accuracy": float(acc["positive"][i]),
               "negative_accuracy": float(acc["negative"][i])} for i, f in enumerate(FRACTIONS)]
-    result = {"method": method, "options": options, "n_images": n,
-              "target": "class folder" if has_labels else "unperturbed prediction",
+    result = {"method": method, "options": options, "n_images": n, "target": settings["target"],
               "positive_auc": area_under(FRACTIONS, acc["positive"]),
               "negative_auc": area_under(FRACTIONS, acc["negative"]),
               "steps": steps, "removal": "patches set to 0 in the normalised image (preprocessing mean colour)",
@@ -1256,6 +1252,17 @@ def perturb_eval(images, model_name, pretrained, device, classifier_file, classe
                    started=t0)
     click.echo(f"{method}: positive AUC {result['positive_auc']:.2f} (lower is better), negative AUC "
                f"{result['negative_auc']:.2f} (higher is better); {n} images, {len(failures)} failed")
+
+
+def _eval_settings(model_name, pretrained, fp, method, options, W, classnames, **data) -> dict:
+    """What must agree for an evaluation to resume: model, method and options, classifier, and the `data` keys."""
+    import hashlib
+
+    import numpy as np
+
+    return {"model": model_name, "pretrained": pretrained, "fingerprint": fp, "method": method, "options": options,
+            "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(), "classes": list(classnames),
+            **data}
 
 
 def _saved_progress(path: Path, settings: dict, overwrite: bool, command: str, fresh: dict) -> dict:
