@@ -16,19 +16,18 @@ from pathlib import Path
 
 import torch
 
-from textspan import builtin, training
+from textspan import builtin, training, world
 
 CHECK_SET = {"n": 200, "seed": 999}
+SPURIOUS_CHECK_SET = {"n": 400, "seed": 4242}
 
 
 def _world_flags(run_cfg) -> str:
-    """The train_shapes.py flags of a run's spurious-world options (empty for the defaults)."""
+    """The train_shapes.py flags of a run's spurious-world options that differ from the defaults."""
     spec = run_cfg.get("spurious") or {}
-    flags = {"--correlation": spec.get("correlation", 0.95), "--background-named": spec.get("background_named", 0.2),
-             "--mix": spec.get("mix", 0.0)}
-    defaults = {"--correlation": 0.95, "--background-named": 0.2, "--mix": 0.0}
-    return "".join(f" {k} {v}" for k, v in flags.items() if spec and v != defaults[k])
-SPURIOUS_CHECK_SET = {"n": 400, "seed": 4242}
+    defaults = {"correlation": world.Spurious.correlation, "background_named": world.Spurious.background_named,
+                "mix": 0.0}
+    return "".join(f" --{k.replace('_', '-')} {spec[k]}" for k, d in defaults.items() if k in spec and spec[k] != d)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -1,12 +1,12 @@
 """Zero-shot segmentation on the shapes world, against the generator's true object masks, for every explainer.
 
-For each fresh single-object image, the prompts describe the object with each of the 5 shapes ("a large red star",
-"a large red circle", ...); every method explains the true description (`textspan.explain_eval.target_maps`: for
-the decomposition, the true description's map minus the mean over the 5, DESIGN.md section 6; for the others, their
-map of the true description). The decomposition's own map of the true description (no subtraction, like every other
-method's) is reported too, as "decomposition (own map)". Baseline: a centred Gaussian. Maps are upsampled to the image, clipped at 0 and
-min-max normalised (as `segment-eval`); reports pixel accuracy, mIoU, mAP and pointing-game accuracy (the map's
-maximum falls on the object). "legrad (layers=all)" is LeGrad over every block instead of the last two.
+For each fresh single-object image, the prompts describe the object with each of the 5 shapes ("a large red star", "a
+large red circle", ...); every method explains the true description (`textspan.explain_eval.target_maps`: for the
+decomposition, the true description's map minus the mean over the 5, DESIGN.md section 6; for the others, their map of
+the true description). The decomposition's own map of the true description (no subtraction, like every other method's)
+is reported too, as "decomposition (own map)". Baseline: a centred Gaussian. Maps are upsampled to the image, clipped
+at 0 and min-max normalised (as `segment-eval`); reports pixel accuracy, mIoU, mAP and pointing-game accuracy (the
+map's maximum falls on the object). "legrad (layers=all)" is LeGrad over every block instead of the last two.
 
 It also prints, per block, the zero-shot shape accuracy of the image feature LeGrad differentiates (ln_post of the mean
 over all tokens of the block's output, through proj) next to that of the CLS token (what the model's embedding is).

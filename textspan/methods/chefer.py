@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._vit import _fast_block, block_forward, embed, grid_of, patch_columns, pooled_embedding, prompt_cotangents, start_block
+from ._vit import (_fast_block, block_forward, embed, grid_of, patch_columns, pooled_embedding, prompt_cotangents,
+                   start_block)
 
 _CHUNK_ELEMENTS = 1 << 27
 
