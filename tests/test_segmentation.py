@@ -70,3 +70,7 @@ def test_segment_eval_on_folder_and_mat(tmp_path):
     assert res.exit_code == 0, res.output
     out3 = json.loads((tmp_path / "s3" / "segmentation.json").read_text())
     assert out3["n_images"] == 5 and len(out3["failures"]) == 1
+    # a file that is not an ImageNet-segmentation .mat: a clear error naming it, not a traceback
+    (tmp_path / "junk.mat").write_bytes(b"not hdf5")
+    res = r.invoke(main, ["segment-eval", str(tmp_path / "junk.mat"), *common, "-o", str(tmp_path / "s4")])
+    assert res.exit_code == 1 and "junk.mat: not an ImageNet-segmentation .mat file" in res.output

@@ -1023,14 +1023,14 @@ def segment_eval(data, model_name, pretrained, device, classifier_file, classes,
     if target == "true" and is_mat:
         raise click.ClickException("--target true needs class sub-folders (folder data); the .mat has no labels")
     options = _parse_method_options(method_option)
-    if is_mat:
-        data_id = f"{Path(data).resolve()} ({Path(data).stat().st_size} bytes)"
-    else:
-        try:
+    try:
+        if is_mat:
+            data_id = f"{Path(data).resolve()} ({Path(data).stat().st_size} bytes, {seg.mat_entries(data)} entries)"
+        else:
             listed = seg.folder_images(data)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from exc
-        data_id = hashlib.sha256("\n".join(str(q.relative_to(Path(data))) for q in listed).encode()).hexdigest()
+            data_id = hashlib.sha256("\n".join(str(q.relative_to(Path(data))) for q in listed).encode()).hexdigest()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     fp = fingerprint(model)
     settings = _eval_settings(model_name, pretrained, fp, method, options, W, classnames, data=data_id, target=target)
     out = Path(output)

@@ -47,6 +47,18 @@ def mask_array(mask_img: Image.Image) -> np.ndarray:
     return np.asarray(mask_img.convert("L")) > 0
 
 
+def mat_entries(path) -> int:
+    """The number of entries of a gtsegs_ijcv.mat file; ValueError naming the file when it is not one."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["value/img"].shape[0])
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"{path}: not an ImageNet-segmentation .mat file (HDF5 with value/img and value/gt): "
+                         f"{exc}") from exc
+
+
 def iter_mat(path, start: int = 0) -> Iterator[Tuple[int, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
     """(index, RGB image, mask, error) for each entry of gtsegs_ijcv.mat (HDF5: object references under value/img
     and value/gt), from entry `start` on. A broken entry yields its error instead of stopping the iteration."""
