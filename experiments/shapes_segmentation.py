@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import textspan
 from textspan import builtin, world
@@ -48,8 +47,8 @@ def prompts_for(labels):
 
 def block_features(model, tok, samples, chunk=250):
     """Per block: zero-shot shape accuracy (%) of LeGrad's image feature and of the CLS token's."""
-    visual = model.visual
-    L = len(visual.transformer.resblocks)
+    tower = textspan.engine.read_tower(model)
+    L = tower.n_layers
     hits = {"mean over tokens": np.zeros(L), "CLS token": np.zeros(L)}
     for i in range(0, len(samples), chunk):
         part = samples[i:i + chunk]
@@ -57,11 +56,11 @@ def block_features(model, tok, samples, chunk=250):
         T = torch.stack([torch.from_numpy(encode_texts(model, tok, prompts_for(s.labels))) for s in part])
         true = torch.tensor([world.SHAPES.index(s.labels["shape"]) for s in part])
         with torch.no_grad():
-            traces = trace(visual, x, list(range(L)))
+            traces = trace(tower, x, list(range(L)))
             for l in range(L):
                 for name, tokens in (("mean over tokens", traces[l].x_out.mean(dim=1)),
                                      ("CLS token", traces[l].x_out[:, 0])):
-                    f = F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
+                    f = tower.pooled_embedding(tokens)
                     hits[name][l] += (torch.einsum("nd,npd->np", f, T).argmax(dim=1) == true).sum().item()
     return {name: (h / len(samples) * 100).round(1).tolist() for name, h in hits.items()}
 

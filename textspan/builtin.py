@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import world
+from .errors import BadInputError, InputNotFoundError
 
 DATA = Path(__file__).resolve().parent / "data"
 VARIANTS = {"default": "shapes_clip", "spurious": "shapes_clip_spurious"}
@@ -51,10 +52,10 @@ class WordTokenizer:
         tokens = text.lower().replace(",", " ").replace(".", " ").split()
         unknown = [t for t in tokens if t not in self.index]
         if unknown:
-            raise ValueError(f"words not in the shapes-world vocabulary: {unknown} (known: {self.words})")
+            raise BadInputError(f"words not in the shapes-world vocabulary: {unknown} (known: {self.words})")
         ids = [self.sot] + [self.index[t] for t in tokens] + [self.eot]
         if len(ids) > self.context_length:
-            raise ValueError(f"{text!r} is longer than the context ({self.context_length} tokens with start/end)")
+            raise BadInputError(f"{text!r} is longer than the context ({self.context_length} tokens with start/end)")
         return ids
 
     def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
@@ -110,16 +111,16 @@ def build_model(config: Optional[dict] = None, vocab: Optional[Sequence[str]] = 
     cfg = config or default_config(tok.vocab_size)
     torch.manual_seed(seed)
     model = CLIP(**cfg)
-    with torch.no_grad():
-        grid = model.visual.grid_size[0]
-        model.visual.positional_embedding.copy_(sincos_2d(model.visual.transformer.width, grid))
-        model.logit_scale.fill_(math.log(10.0))
+    from .engine import read_tower, set_start_values
+
+    tower = read_tower(model)
+    set_start_values(model, positions=sincos_2d(tower.d_model, tower.grid_size[0]), log_logit_scale=math.log(10.0))
     return model, tok
 
 
 def checkpoint_paths(variant: str = "default"):
     if variant not in VARIANTS:
-        raise ValueError(f"unknown built-in variant {variant!r}; known: {sorted(VARIANTS)}")
+        raise BadInputError(f"unknown built-in variant {variant!r}; known: {sorted(VARIANTS)}")
     stem = DATA / VARIANTS[variant]
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
@@ -146,13 +147,13 @@ def load_shapes_model(variant: str = "default", device: Union[str, torch.device]
     if checkpoint is None:
         weights, info = checkpoint_paths(variant)
         if not weights.is_file() or not info.is_file():
-            raise FileNotFoundError(f"the built-in model {variant!r} is not shipped in this installation ({weights})")
+            raise InputNotFoundError(f"the built-in model {variant!r} is not shipped in this installation ({weights})")
         meta = json.loads(info.read_text())
         state = load_file(str(weights))
     else:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+            raise InputNotFoundError(f"checkpoint not found: {checkpoint}")
         cfg_file = checkpoint.parent / "config.json"
         meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         if str(checkpoint).endswith(".safetensors"):

@@ -64,9 +64,9 @@ def perturbation_counts(model, x: torch.Tensor, maps: torch.Tensor, W: torch.Ten
         {"positive": [len(fractions)], "negative": [...]}: counts of correct predictions when the most (positive)
         or least (negative) relevant patches are removed first (ties: lower patch index first).
     """
-    from .models import visual_of
+    from .engine import read_tower
 
-    patch = visual_of(model).patch_size
+    patch = read_tower(model).patch_size
     flat = maps.reshape(maps.shape[0], -1).float()
     n_patches = flat.shape[1]
     most = torch.argsort(-flat, dim=1, stable=True)

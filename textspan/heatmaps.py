@@ -8,37 +8,32 @@ layer, never the [b, L, N, H, d'] terms.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple, Union
-
 import torch
 
 from .decomposition import project
-from .models import model_info
-from .span import parse_heads, parse_layers
+from .engine import read_tower
+from .errors import BadInputError
+from .names import HeadsArg, LayersArg
+from .names import head_mask as _mask
 
-HeadsArg = Optional[Union[str, Iterable[Tuple[int, int]]]]
 
-
-def head_mask(model, heads: HeadsArg = None, layers: Optional[Union[str, Sequence[int]]] = None) -> torch.Tensor:
+def head_mask(model, heads: HeadsArg = None, layers: LayersArg = None) -> torch.Tensor:
     """[L, H] boolean mask from heads ("L11H3,L10H1" or [(11, 3), ...]) and/or layers ("-4:" or [8, 9]); all heads
-    when both are None."""
-    info = model_info(model)
-    L, H = info.n_layers, info.n_heads
-    if heads is None and layers is None:
-        return torch.ones(L, H, dtype=torch.bool)
-    mask = torch.zeros(L, H, dtype=torch.bool)
-    if heads is not None:
-        pairs = parse_heads(heads, L, H) if isinstance(heads, str) else [(l % L, h) for l, h in heads]
-        for l, h in pairs:
-            mask[l, h] = True
-    if layers is not None:
-        chosen = parse_layers(layers, L) if isinstance(layers, str) else [l % L for l in layers]
-        mask[chosen] = True
-    return mask
+    when both are None. Out-of-range heads or layers are an error naming the value and the model's size."""
+    tower = read_tower(model)
+    return _mask(tower.n_layers, tower.n_heads, heads, layers)
 
 
-def heatmaps(model, images: torch.Tensor, text_embeddings, heads: HeadsArg = None,
-             layers: Optional[Union[str, Sequence[int]]] = None, relative: bool = True) -> torch.Tensor:
+def check_relative(relative: bool, n_prompts: int) -> None:
+    """A map relative to the mean over prompts needs two prompts at least (one prompt's relative map is all
+    zeros)."""
+    if relative and n_prompts < 2:
+        raise BadInputError("relative maps subtract the mean over the prompts, so one prompt gives all zeros: pass at "
+                            "least two prompts, or relative=False (--absolute) for the prompt's own map")
+
+
+def heatmaps(model, images: torch.Tensor, text_embeddings, heads: HeadsArg = None, layers: LayersArg = None,
+             relative: bool = True) -> torch.Tensor:
     """Per-prompt maps on the patch grid.
 
     Args:
@@ -46,14 +41,16 @@ def heatmaps(model, images: torch.Tensor, text_embeddings, heads: HeadsArg = Non
         images: [b, 3, H, W] preprocessed.
         text_embeddings: [k, d'] prompt embeddings (normalised text features).
         heads, layers: restrict the maps to these heads / layers (default: all).
-        relative: subtract, per patch, the mean over the k prompts.
+        relative: subtract, per patch, the mean over the k prompts (needs k >= 2).
 
     Returns:
         [b, k, grid_h, grid_w] maps (patch tokens only; before any upsampling).
     """
     T = torch.as_tensor(text_embeddings)
-    p = project(model, images, T, head_mask(model, heads, layers))
-    return patch_maps(p, model_info(model).grid_size, relative)
+    check_relative(relative, 1 if T.ndim == 1 else T.shape[0])
+    tower = read_tower(model)
+    p = project(tower, images, T, _mask(tower.n_layers, tower.n_heads, heads, layers))
+    return patch_maps(p, tower.grid_size, relative)
 
 
 def patch_maps(projection, grid_size, relative: bool = True) -> torch.Tensor:

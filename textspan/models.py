@@ -19,18 +19,16 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from . import engine
+from .errors import InputNotFoundError, UnknownModelError, UnsupportedModelError, WeightsUnavailableError
+
+__all__ = ["BUILTIN_MODELS", "ModelInfo", "UnsupportedModelError", "WeightsUnavailableError", "check_decomposable",
+           "describe_pretrained", "fingerprint", "load_model", "model_info", "visual_of"]
+
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("shapes", "shapes-spurious")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights are neither cached locally nor downloadable from here."""
-
-
-class UnsupportedModelError(ValueError):
-    """The architecture is not one textspan can decompose exactly (yet)."""
 
 
 @dataclass(frozen=True)
@@ -151,11 +149,11 @@ def load_model(
 
     kwargs = dict(precision=precision, device=device, cache_dir=cache_dir, pretrained_text=False)
     schema = name.split(":", 1)[0] if ":" in name else None
+    if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
+        raise UnknownModelError(_unknown_model_message(name))
     if pretrained is not None and schema is None:
         pretrained = str(pretrained)
         cfg_name = name.replace("/", "-")
-        if open_clip.get_model_config(cfg_name) is None:
-            raise ValueError(f"unknown open_clip model name {name!r}; see open_clip.list_models()")
         tag_cfg = open_clip.get_pretrained_cfg(cfg_name, pretrained)
         if tag_cfg:
             # open_clip 2.x built OpenAI tags with QuickGELU; 3.x only warns on the mismatch. The weights were trained
@@ -178,9 +176,9 @@ def load_model(
                     f"'shapes'; (4) pretrained=None for random weights. Known tags for {cfg_name}: {tags}")
         elif any(str(pretrained).endswith(s) for s in CHECKPOINT_SUFFIXES) or os.sep in pretrained:
             if not os.path.isfile(pretrained):
-                raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+                raise InputNotFoundError(f"pretrained checkpoint not found: {pretrained}")
         else:
-            raise ValueError(
+            raise UnknownModelError(
                 f"pretrained={pretrained!r} is neither a known tag for {cfg_name} "
                 f"({open_clip.list_pretrained_tags_by_model(cfg_name)}) nor an existing checkpoint file")
     elif pretrained is not None:
@@ -194,75 +192,47 @@ def load_model(
     return model, preprocess, tokenizer
 
 
+def _unknown_model_message(name: str) -> str:
+    import difflib
+
+    import open_clip
+
+    known = list(BUILTIN_MODELS) + list(open_clip.list_models())
+    close = difflib.get_close_matches(name, known, n=6, cutoff=0.6)
+    close = close or difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=6, cutoff=0.5)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    return (f"unknown open_clip model name {name!r}{hint}. Known: the built-in {', '.join(BUILTIN_MODELS)}, any name of "
+            f"open_clip.list_models() ({len(known) - len(BUILTIN_MODELS)} names), 'hf-hub:ORG/REPO' or "
+            f"'local-dir:/path'")
+
+
 def visual_of(model: torch.nn.Module) -> torch.nn.Module:
     """The image tower of a CLIP model (or the tower itself when given one)."""
-    return getattr(model, "visual", model)
+    return engine.image_tower(model)
 
 
 def check_decomposable(model: torch.nn.Module) -> None:
     """Raise `UnsupportedModelError` unless textspan's forward reproduces this image tower exactly."""
-    from open_clip.transformer import (
-        Attention,
-        CustomResidualAttentionBlock,
-        ResidualAttentionBlock,
-        VisionTransformer,
-    )
-
-    visual = visual_of(model)
-    if not isinstance(visual, VisionTransformer):
-        raise UnsupportedModelError(
-            f"textspan decomposes open_clip VisionTransformer image towers; this model's is "
-            f"{type(visual).__name__} (timm trunks and ResNets are not supported)")
-    if getattr(visual, "attn_pool", None) is not None:
-        raise UnsupportedModelError("attentional pooling (CoCa-style) image towers are not supported yet")
-    if getattr(visual, "pool_type", "tok") != "tok":
-        raise UnsupportedModelError(
-            f"pool_type={visual.pool_type!r} is not supported: the decomposition follows the CLS token ('tok')")
-    for i, block in enumerate(visual.transformer.resblocks):
-        if isinstance(block, ResidualAttentionBlock):
-            if hasattr(block, "ln_1_kv"):
-                raise UnsupportedModelError(f"block {i} is a cross-attention block")
-            if block.attn.in_proj_weight is None:
-                raise UnsupportedModelError(f"block {i}: separate q/k/v projections are not supported")
-        elif isinstance(block, CustomResidualAttentionBlock):
-            attn = block.attn
-            if not isinstance(attn, Attention):
-                raise UnsupportedModelError(f"block {i}: unknown attention module {type(attn).__name__}")
-            if not isinstance(attn.ln_inner, torch.nn.Identity):
-                raise UnsupportedModelError(
-                    f"block {i}: a LayerNorm between the heads and out_proj (scale_attn_inner) mixes the heads, so "
-                    f"per-head terms are not exact")
-            if not isinstance(block.ln_attn, torch.nn.Identity):
-                raise UnsupportedModelError(f"block {i}: a LayerNorm after attention (scale_attn) is not supported")
-        else:
-            raise UnsupportedModelError(f"block {i}: unknown block type {type(block).__name__}")
+    engine.check_decomposable(model)
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Layers, heads, widths and token count of a CLIP ViT image tower."""
-    check_decomposable(model)
-    visual = visual_of(model)
-    blocks = visual.transformer.resblocks
-    b0 = blocks[0]
-    n_heads = b0.attn.num_heads
-    d_model = visual.transformer.width
-    grid = tuple(visual.grid_size)
-    proj = visual.proj
-    act = type(b0.mlp.gelu).__name__ if hasattr(b0.mlp, "gelu") else "?"
+    t = engine.read_tower(model)
     return ModelInfo(
-        n_layers=len(blocks),
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=d_model // n_heads,
-        d_mlp=b0.mlp.c_fc.out_features,
-        d_embed=proj.shape[1] if proj is not None else d_model,
-        image_size=tuple(visual.image_size),
-        patch_size=tuple(visual.patch_size),
-        grid_size=grid,
-        n_tokens=1 + grid[0] * grid[1],
-        layer_scale=not isinstance(b0.ls_1, torch.nn.Identity),
-        activation=act,
-        n_params_visual=sum(p.numel() for p in visual.parameters()),
+        n_layers=t.n_layers,
+        n_heads=t.n_heads,
+        d_model=t.d_model,
+        d_head=t.d_model // t.n_heads,
+        d_mlp=t.d_mlp,
+        d_embed=t.d_embed,
+        image_size=t.image_size,
+        patch_size=t.patch_size,
+        grid_size=t.grid_size,
+        n_tokens=1 + t.grid_size[0] * t.grid_size[1],
+        layer_scale=t.layer_scale,
+        activation=t.activation,
+        n_params_visual=sum(p.numel() for p in t.module.parameters()),
     )
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import builtin, world
+from . import builtin, engine, world
+from .errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def text_classifier(model, tokenizer, attribute: str, values=None) -> torch.Tens
     cols = []
     with torch.no_grad():
         for v in values:
-            e = F.normalize(model.encode_text(tokenizer(attribute_prompts(attribute, v))), dim=-1)
+            e = F.normalize(engine.library_text_embedding(model, tokenizer(attribute_prompts(attribute, v))), dim=-1)
             cols.append(F.normalize(e.mean(0), dim=0))
     return torch.stack(cols, dim=1)
 
@@ -56,7 +57,8 @@ def image_features(model, images: np.ndarray, batch_size: int = 500) -> torch.Te
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            out.append(F.normalize(model.encode_image(builtin.preprocess_batch(images[i:i + batch_size])), dim=-1))
+            x = builtin.preprocess_batch(images[i:i + batch_size])
+            out.append(F.normalize(engine.library_image_embedding(model, x), dim=-1))
     return torch.cat(out)
 
 
@@ -148,7 +150,7 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
     spec = dict(spurious_spec or {})
     mix = float(spec.pop("mix", 0.0))
     if not 0.0 <= mix < 1.0:
-        raise ValueError(f"mix must be in [0, 1); got {mix}")
+        raise BadInputError(f"mix must be in [0, 1); got {mix}")
     spurious = world.Spurious(**spec) if variant == "spurious" else None
     if init is not None:
         is_variant = init in ("default", "spurious")
@@ -188,17 +190,17 @@ def train(output, *, variant: str = "default", steps: int = 2000, batch_size: in
         x = builtin.preprocess_batch(images)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup)
-        img = F.normalize(model.encode_image(x), dim=-1)
-        txt = F.normalize(model.encode_text(tok(captions)), dim=-1)
-        loss = soft_clip_loss(img, txt, model.logit_scale.exp(), captions)
+        img = F.normalize(engine.library_image_embedding(model, x), dim=-1)
+        txt = F.normalize(engine.library_text_embedding(model, tok(captions)), dim=-1)
+        loss = soft_clip_loss(img, txt, engine.learned_logit_scale(model).exp(), captions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(max=math.log(100.0))
+            engine.learned_logit_scale(model).clamp_(max=math.log(100.0))
         step += 1
         line = {"step": step, "loss": round(float(loss.detach()), 4),
-                "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
+                "logit_scale": round(float(engine.learned_logit_scale(model).detach().exp()), 2),
                 "lr": round(opt.param_groups[0]["lr"], 6), "sec": round(time.time() - t0, 2)}
         if step % eval_every == 0 or step == steps:
             model.eval()

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from ._vit import prepare, untouched
+from ..errors import BadInputError
 
 _REGISTRY: Dict[str, Callable] = {}
 _MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer")
 
 
 def register(name: str):
-    """Decorator: register `fn(visual, images, T, **options) -> [b, P, gh, gw]` under `name` (`explain` checks the
+    """Decorator: register `fn(tower, images, T, **options) -> [b, P, gh, gw]` (tower: a `textspan.engine.Tower`) under `name` (`explain` checks the
     inputs, moves them to the model's device and dtype, and guards the model around the call)."""
     def wrap(fn):
         _REGISTRY[name] = fn
@@ -44,15 +45,32 @@ def list_methods() -> List[str]:
 def get_method(name: str) -> Callable:
     _load_all()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown explainer {name!r}; known: {', '.join(list_methods())}")
+        raise BadInputError(f"unknown explainer {name!r}; known: {', '.join(list_methods())}")
     return _REGISTRY[name]
+
+
+def parse_options(items) -> dict:
+    """Method options from KEY=VALUE strings (the command line's --option); values parsed as JSON when they are
+    (true, 3, [10, 11]), else kept as strings."""
+    import json
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise BadInputError(f"--option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def explain(model, images: torch.Tensor, text_embeddings, method: str = "legrad", **options) -> torch.Tensor:
     """Raw explanation maps of `method` for every image and prompt.
 
     Args:
-        model: a stock open_clip CLIP model (or its ``.visual``) with a ViT image tower.
+        model: a stock open_clip CLIP model (or its image tower) with a ViT image tower.
         images: [b, 3, H, W] preprocessed; any size the positional embeddings can be resampled to (non-square
             grids included).
         text_embeddings: [P, d_embed] prompt embeddings, used as given (pass normalised text features).
@@ -65,8 +83,8 @@ def explain(model, images: torch.Tensor, text_embeddings, method: str = "legrad"
     """
     fn = get_method(method)
     with untouched(model):
-        visual, images, T = prepare(model, images, text_embeddings)
-        maps = fn(visual, images, T, **options)
+        tower, images, T = prepare(model, images, text_embeddings)
+        maps = fn(tower, images, T, **options)
     return maps.detach()
 
 
@@ -74,7 +92,7 @@ def upsample_maps(maps: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torc
     """[b, P, gh, gw] -> [b, P, size, size] (or the (height, width) given): bilinear upsampling
     (align_corners=False), then min-max normalisation of each map to [0, 1] (a constant map becomes 0)."""
     if maps.ndim != 4:
-        raise ValueError(f"maps must be [b, P, grid_h, grid_w]; got {tuple(maps.shape)}")
+        raise BadInputError(f"maps must be [b, P, grid_h, grid_w]; got {tuple(maps.shape)}")
     size = (size, size) if isinstance(size, int) else tuple(size)
     up = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
     lo = up.amin(dim=(-2, -1), keepdim=True)

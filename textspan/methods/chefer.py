@@ -10,35 +10,32 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._vit import (_fast_block, block_forward, embed, grid_of, patch_columns, pooled_embedding, prompt_cotangents,
-                   start_block)
+from ._vit import patch_columns, prompt_cotangents, start_block, stream_before
 
 _CHUNK_ELEMENTS = 1 << 27
 
 
 @register("chefer")
-def chefer(visual, images, T, start_layer: int = 0):
+def chefer(tower, images, T, start_layer: int = 0):
     """Options: start_layer (default 0, all blocks; -1 is the last block only, the CLIP notebook's image default)."""
-    blocks = visual.transformer.resblocks
+    blocks = tower.blocks
     L = len(blocks)
     start = start_block(start_layer, L)
     b, P = images.shape[0], T.shape[0]
+    x0 = stream_before(tower, images, start)
     with torch.no_grad():
-        x0 = embed(visual, images)
-        for block in blocks[:start]:
-            x0 = _fast_block(block, x0)
         N = x0.shape[1]
-        H = blocks[0].attn.num_heads
+        H = tower.n_heads
         zeros = tuple(torch.zeros(b, H, N, N, dtype=x0.dtype, device=x0.device) for _ in range(start, L))
     probs = []
 
     def embedding(*deltas):
         x = x0
         for block, delta in zip(blocks[start:], deltas):
-            t = block_forward(block, x, delta)
+            t = block.forward(x, delta)
             probs.append(t.probs.detach())
             x = t.x_out
-        return pooled_embedding(visual, x[:, 0])
+        return tower.pooled_embedding(x[:, 0])
 
     _, vjp_fn = torch.func.vjp(embedding, *zeros)
     cot = prompt_cotangents(T, b)
@@ -53,4 +50,4 @@ def chefer(visual, images, T, start_layer: int = 0):
                 cam = (g * A).clamp(min=0).mean(dim=2)  # [p, b, N, N]
                 R = R + cam @ R
             out[:, s:s + step] = R[:, :, 0].transpose(0, 1)
-    return patch_columns(out, grid_of(visual, images))
+    return patch_columns(out, tower.grid_of(images))

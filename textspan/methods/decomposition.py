@@ -4,15 +4,16 @@ pass, no gradients."""
 from __future__ import annotations
 
 from ..decomposition import project
-from ..heatmaps import head_mask, patch_maps
+from ..heatmaps import check_relative, patch_maps
+from ..names import head_mask
 from . import register
-from ._vit import grid_of
 
 
 @register("decomposition")
-def decomposition(visual, images, T, heads=None, layers=None, relative: bool = True):
+def decomposition(tower, images, T, heads=None, layers=None, relative: bool = True):
     """Options: heads ("L11H3,L10H1" or [(l, h), ...]), layers ("-4:" or a list), relative (default True:
-    subtract the mean map over the prompts; with a single prompt use relative=False)."""
-    mask = head_mask(visual, heads, layers)
-    p = project(visual, images, T, mask, any_size=True)
-    return patch_maps(p, grid_of(visual, images), relative)
+    subtract the mean map over the prompts; needs at least two prompts, else use relative=False)."""
+    check_relative(relative, T.shape[0])
+    mask = head_mask(tower.n_layers, tower.n_heads, heads, layers)
+    p = project(tower, images, T, mask, any_size=True)
+    return patch_maps(p, tower.grid_of(images), relative)

@@ -8,26 +8,24 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from ._vit import after_heads, after_mlp, attention_probs, batched_vjp, grid_of, last_block_input, merge_heads, \
-    pooled_embedding, prompt_cotangents, qkv
+from ._vit import batched_vjp, last_block_input, prompt_cotangents
 
 
 @register("gradcam")
-def gradcam(visual, images, T):
+def gradcam(tower, images, T):
     """No options."""
-    blocks = visual.transformer.resblocks
-    last = blocks[-1]
+    last = tower.blocks[-1]
     b = images.shape[0]
-    x = last_block_input(visual, images)
+    x = last_block_input(tower, images)
 
     def embedding(x_in):  # [b, N, D] -> [b, d_embed], through the last block at the CLS query
-        q, k, v = qkv(last, x_in)
-        probs = attention_probs(last, q[:, :, :1], k)  # [b, H, 1, N]
-        y = after_heads(last, x_in[:, :1], merge_heads(last, probs @ v))
-        return pooled_embedding(visual, after_mlp(last, y)[:, 0])
+        q, k, v = last.qkv(x_in)
+        probs = last.attention_probs(q[:, :, :1], k)  # [b, H, 1, N]
+        y = last.after_heads(x_in[:, :1], last.merge_heads(probs @ v))
+        return tower.pooled_embedding(last.after_mlp(y)[:, 0])
 
     grads = batched_vjp(embedding, x, prompt_cotangents(T, b))  # [P, b, N, D]
     with torch.no_grad():
         weights = grads.mean(dim=2)  # [P, b, D]
         cam = F.relu(torch.einsum("pbd,bnd->bpn", weights, x[:, 1:]))
-    return cam.reshape(b, T.shape[0], *grid_of(visual, images))
+    return cam.reshape(b, T.shape[0], *tower.grid_of(images))

@@ -17,19 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from ._vit import (after_heads, after_mlp, attention_probs, batched_vjp, grid_of, last_block_input, merge_heads,
-                   pooled_embedding, prompt_cotangents, qkv)
+from ._vit import batched_vjp, last_block_input, prompt_cotangents
 
 
 @register("gradeclip")
-def gradeclip(visual, images, T, single_head: bool = False):
+def gradeclip(tower, images, T, single_head: bool = False):
     """Options: single_head (default False; True reproduces the published notebook's one-wide-head last block)."""
-    blocks = visual.transformer.resblocks
-    last = blocks[-1]
+    last = tower.blocks[-1]
     b = images.shape[0]
-    x = last_block_input(visual, images, antialias=not single_head)
+    x = last_block_input(tower, images, antialias=not single_head)
     with torch.no_grad():
-        q, k, v = qkv(last, x)  # [b, H, N, d_head]
+        q, k, v = last.qkv(x)  # [b, H, N, d_head]
         _, H, N, dh = q.shape
         q_full = q.transpose(1, 2).reshape(b, N, H * dh)  # [b, N, D]
         k_full = k.transpose(1, 2).reshape(b, N, H * dh)
@@ -38,13 +36,13 @@ def gradeclip(visual, images, T, single_head: bool = False):
             probs = (q_full @ k_full.transpose(-1, -2) * (q_full.shape[-1] ** -0.5)).softmax(dim=-1)
             o_cls = (probs[:, :1] @ v_full)[:, 0]  # [b, D]
         else:
-            probs = attention_probs(last, q[:, :, :1], k)  # [b, H, 1, N]
-            o_cls = merge_heads(last, probs @ v)[:, 0]
+            probs = last.attention_probs(q[:, :, :1], k)  # [b, H, 1, N]
+            o_cls = last.merge_heads(probs @ v)[:, 0]
         x_cls = x[:, 0]
 
     def embedding(o):  # [b, D] -> [b, d_embed]
-        y = after_heads(last, x_cls[:, None], o[:, None])
-        return pooled_embedding(visual, after_mlp(last, y)[:, 0])
+        y = last.after_heads(x_cls[:, None], o[:, None])
+        return tower.pooled_embedding(last.after_mlp(y)[:, 0])
 
     g = batched_vjp(embedding, o_cls, prompt_cotangents(T, b))  # [P, b, D]
     with torch.no_grad():
@@ -54,4 +52,4 @@ def gradeclip(visual, images, T, single_head: bool = False):
         # sum_c g_c * v_jc * a_j, in the notebook's order of operations
         maps = torch.einsum("pbc,bjc->bpj", g, v_full[:, 1:]) * a[:, None]
         maps = F.relu(maps)
-    return maps.reshape(b, T.shape[0], *grid_of(visual, images))
+    return maps.reshape(b, T.shape[0], *tower.grid_of(images))

@@ -11,66 +11,59 @@ block l's MLP and the pooling for all prompts at once; nothing is recomputed per
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..decomposition import _attention_parts
 from . import register
-from ._vit import after_mlp, batched_vjp, grid_of, parse_layer_option, patch_columns, prompt_cotangents, trace
+from ._vit import batched_vjp, parse_layer_option, patch_columns, prompt_cotangents, trace
 
 # Keep the [P, b, head, N, N] gradient below about this many elements per chunk of prompts.
 _CHUNK_ELEMENTS = 1 << 26
 
 
 @register("legrad")
-def legrad(visual, images, T, layers=None):
+def legrad(tower, images, T, layers=None):
     """Options: layers: None (default: the last two blocks, as the published code's layer_index=-2), "all", a
     layer string ("-4:") or a list of block indices."""
-    blocks = visual.transformer.resblocks
+    blocks = tower.blocks
     L = len(blocks)
     chosen = parse_layer_option(layers, L, default=[L - 2, L - 1] if L >= 2 else [L - 1])
-    traces = trace(visual, images, chosen)
-    b, P = images.shape[0], T.shape[0]
-    grid = grid_of(visual, images)
+    traces = trace(tower, images, chosen)
+    grid = tower.grid_of(images)
     total = None
     for l in chosen:
         t, block = traces[l], blocks[l]
-        relevance = _layer_relevance(visual, block, t, T)  # [b, P, N]
+        relevance = _layer_relevance(tower, block, t, T)  # [b, P, N]
         total = relevance if total is None else total + relevance
     return patch_columns(total, grid)
 
 
-def _layer_relevance(visual, block, t, T) -> torch.Tensor:
+def _layer_relevance(tower, block, t, T) -> torch.Tensor:
     """[b, P, N]: block l's LeGrad relevance per key token, for every image and prompt."""
     b, H, N, dh = t.v.shape
     P = T.shape[0]
-    p = _attention_parts(block)
 
     def feature(m):  # [b, D] mean residual stream after block l -> [b, d_embed]
-        e = visual.ln_post(m)
-        e = e @ visual.proj if visual.proj is not None else e
-        return F.normalize(e, dim=-1)
+        return tower.pooled_embedding(m)
 
     with torch.no_grad():
         m = t.x_out.mean(dim=1)
     cot_m = batched_vjp(feature, m, prompt_cotangents(T, b))  # [P, b, D]
-    ls1 = _gamma(block.ls_1, t.y)
-    w_g = ls1[:, None] * p["w_out"]  # d(heads_out) = d(y) * ls1 @ W_out
-    head_scale = p["head_scale"].reshape(1, 1, H, 1, 1) if p["head_scale"] is not None else None
+    ls1 = _gamma(block.scale_attn_gamma, t.y)
+    w_g = ls1[:, None] * block.w_out  # d(heads_out) = d(y) * ls1 @ W_out
+    gain = block.head_gain.reshape(1, 1, H, 1, 1) if block.head_gain is not None else None
     out = torch.empty(b, P, N, dtype=T.dtype, device=T.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, b * H * N * N, b * N * 4 * t.y.shape[-1]))
     tail = _MeanTail(block, t.y)
     for s in range(0, P, step):
         d_y = tail.vjp(cot_m[s:s + step])  # [p, b, N, D]
         g = (d_y @ w_g).reshape(-1, b, N, H, dh).transpose(2, 3)  # [p, b, H, N, dh]: at (probs @ v)
-        if head_scale is not None:
-            g = g * head_scale
+        if gain is not None:
+            g = g * gain
         grad_a = g @ t.v.transpose(-1, -2).unsqueeze(0)  # [p, b, H, N(query), N(key)]
         out[:, s:s + step] = grad_a.clamp_(min=0).mean(dim=(2, 3)).transpose(0, 1)
     return out
 
 
-def _gamma(ls, like):
-    g = getattr(ls, "gamma", None)
+def _gamma(g, like):
     return g if g is not None else torch.ones(like.shape[-1], dtype=like.dtype, device=like.device)
 
 
@@ -78,37 +71,37 @@ class _MeanTail:
     """Vector-Jacobian products of y -> mean over tokens of (y + ls_2(mlp(ln_2(y)))) for many cotangents.
 
     The cotangent of every token's output is the same c / N, so the MLP's output matmul is done once per prompt
-    ([P, b, 4D]) rather than per token; only (c W_proj * act'(h)) W_fc runs per token. Blocks of another structure
-    than open_clip's (ln_2 LayerNorm; c_fc, elementwise activation, c_proj) go through torch.func instead."""
+    ([P, b, 4D]) rather than per token; only (c W_out * act'(h)) W_in runs per token. Blocks of another structure
+    (ln_2 not a LayerNorm, or an MLP other than Linear -> elementwise activation -> Linear) go through torch.func
+    instead."""
 
     def __init__(self, block, y):
         self.block, self.y = block, y
-        mlp, ln = block.mlp, block.ln_2
-        self.fast = (isinstance(ln, torch.nn.LayerNorm) and list(dict(mlp.named_children())) == ["c_fc", "gelu",
-                                                                                                 "c_proj"])
+        self.fast = block.norm_mlp_affine is not None and block.fc_in is not None
         if not self.fast:
             return
+        ln_w, ln_b, eps = block.norm_mlp_affine
         with torch.no_grad():
             mu = y.mean(dim=-1, keepdim=True)
-            self.rstd = (y.var(dim=-1, unbiased=False, keepdim=True) + ln.eps).rsqrt()
+            self.rstd = (y.var(dim=-1, unbiased=False, keepdim=True) + eps).rsqrt()
             self.yhat = (y - mu) * self.rstd
-            self.ln_w = ln.weight if ln.weight is not None else torch.ones_like(mu[0, 0].expand(y.shape[-1]))
-            z = self.yhat * self.ln_w + (ln.bias if ln.bias is not None else 0)
-            h = mlp.c_fc(z)
+            self.ln_w = ln_w if ln_w is not None else torch.ones_like(mu[0, 0].expand(y.shape[-1]))
+            z = self.yhat * self.ln_w + (ln_b if ln_b is not None else 0)
+            h = block.fc_in(z)
         with torch.enable_grad():
             h = h.detach().requires_grad_(True)
-            self.act_grad = torch.autograd.grad(mlp.gelu(h).sum(), h)[0]  # elementwise activation: its derivative
-        self.ls2 = _gamma(block.ls_2, y)
+            self.act_grad = torch.autograd.grad(block.act(h).sum(), h)[0]  # elementwise activation: its derivative
+        self.ls2 = _gamma(block.scale_mlp_gamma, y)
 
     def vjp(self, cot_m: torch.Tensor) -> torch.Tensor:
         block, y = self.block, self.y
         N = y.shape[1]
         if not self.fast:
-            return batched_vjp(lambda v: after_mlp(block, v).mean(dim=1), y, cot_m)
+            return batched_vjp(lambda v: block.after_mlp(v).mean(dim=1), y, cot_m)
         with torch.no_grad():
             c = cot_m / N  # [P, b, D], the cotangent of every token's output
-            u = (c * self.ls2) @ block.mlp.c_proj.weight  # [P, b, 4D]
-            dz = (u[:, :, None, :] * self.act_grad) @ block.mlp.c_fc.weight  # [P, b, N, D]
+            u = (c * self.ls2) @ block.fc_out.weight  # [P, b, 4D]
+            dz = (u[:, :, None, :] * self.act_grad) @ block.fc_in.weight  # [P, b, N, D]
             dzh = dz * self.ln_w
             d_y = self.rstd * (dzh - dzh.mean(dim=-1, keepdim=True)
                                - self.yhat * (dzh * self.yhat).mean(dim=-1, keepdim=True))

@@ -6,23 +6,22 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._vit import block_forward, embed, grid_of, patch_columns, start_block
+from ._vit import patch_columns, start_block
 
 
 @register("rollout")
-def rollout(visual, images, T, start_layer: int = 0):
+def rollout(tower, images, T, start_layer: int = 0):
     """Options: start_layer (default 0; negative counts from the end): the first block taken into the product."""
-    blocks = visual.transformer.resblocks
-    start = start_block(start_layer, len(blocks))
+    start = start_block(start_layer, tower.n_layers)
     with torch.no_grad():
-        x = embed(visual, images)
+        x = tower.embed(images)
         R = None
-        for l, block in enumerate(blocks):
-            t = block_forward(block, x)  # t.probs: [b, H, N, N]
+        for l, block in enumerate(tower.blocks):
+            t = block.forward(x)  # t.probs: [b, H, N, N]
             if l >= start:
                 A = t.probs.mean(dim=1) + torch.eye(t.probs.shape[-1], dtype=t.probs.dtype, device=t.probs.device)
                 A = A / A.sum(dim=-1, keepdim=True)
                 R = A if R is None else A @ R
             x = t.x_out
-    maps = patch_columns(R[:, 0], grid_of(visual, images))
+    maps = patch_columns(R[:, 0], tower.grid_of(images))
     return maps[:, None].expand(-1, T.shape[0], -1, -1).contiguous()

@@ -1,0 +1,431 @@
+"""The model reader and textspan's forward: the one module that knows a model library's attribute names.
+
+`read_tower(model)` translates a stock open_clip image tower into a `Tower`: the patch embedding, class token and
+positions, the pre-norm, one `Block` per residual block (norms, attention projections, heads, qk-norm, head scale,
+layer scale, MLP) and the pooling (final norm and projection). Everything that computes with a model (the
+decomposition, every explainer, the text side of zero-shot classifiers, training of the built-in model) goes
+through this module; no other file names an open_clip attribute (a test greps for them). A new model family is a new
+reader here.
+
+The forward is written once: `Block.forward` runs one residual block from its weights, keeping as much of the
+attention as the caller asks for (nothing, the CLS query row, or the full map, optionally with a tensor added to the
+probabilities so that a gradient with respect to it is the gradient with respect to the probabilities). Our forward
+equals the library's own ``encode_image`` (tested on every supported block kind: float64 1e-10, float32 1e-5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInputError, UnsupportedModelError
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# what a model is made of
+
+
+def image_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The image tower of a CLIP model (or the tower itself when given one)."""
+    return getattr(model, "visual", model)
+
+
+@dataclass(eq=False)
+class BlockTrace:
+    """What one block computed (full attention kept). probs: [b, head, N, N] post-softmax; heads_out: [b, N, d_model]
+    the attention output before out_proj (heads concatenated, head scale applied); y: the residual stream after
+    attention; x_out: after the MLP."""
+
+    x_in: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    probs: torch.Tensor
+    heads_out: torch.Tensor
+    y: torch.Tensor
+    x_out: torch.Tensor
+
+
+@dataclass(eq=False)
+class ClsState:
+    """What one block leaves behind for the decomposition (CLS query only)."""
+
+    o_cls: torch.Tensor  # [batch, head, d_head], attention-weighted values at the CLS query, before W_O
+    attn_cls: torch.Tensor  # [batch, head, token], the CLS row of the attention map
+    values: Optional[torch.Tensor]  # [batch, head, token, d_head] when kept
+    mlp_cls: torch.Tensor  # [batch, d_model], the MLP output (after layer scale) at CLS
+
+
+def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[b, N, d_model] -> [b, head, N, d_head]."""
+    b, n, d = t.shape
+    return t.view(b, n, n_heads, d // n_heads).transpose(1, 2)
+
+
+@dataclass(eq=False)
+class Block:
+    """One pre-norm residual block: y = x + scale_attn(attn(norm_attn(x))), x_out = y + scale_mlp(mlp(norm_mlp(y))).
+
+    Attributes (textspan's names; the reader below maps each to the library's):
+        w_in, b_in: [3 d_model, d_model], [3 d_model] the q/k/v projection; w_out, b_out: the output projection.
+        q_norm, k_norm: per-head qk-norm (or None); cosine_scale / cosine_scale_max: scaled cosine attention (or
+        None); head_gain: [head, 1, 1] per-head output scale (or None).
+        scale_attn, scale_mlp: layer-scale callables; scale_attn_gamma, scale_mlp_gamma their vectors (None: no
+        layer scale).
+        fc_in, act, fc_out: the MLP's parts when it is Linear -> elementwise activation -> Linear (else None);
+        norm_mlp_affine: (weight, bias, eps) of norm_mlp when it is a LayerNorm (else None).
+    """
+
+    n_heads: int
+    norm_attn: Callable
+    w_in: torch.Tensor
+    b_in: Optional[torch.Tensor]
+    w_out: torch.Tensor
+    b_out: Optional[torch.Tensor]
+    q_norm: Optional[Callable]
+    k_norm: Optional[Callable]
+    cosine_scale: Optional[torch.Tensor]
+    cosine_scale_max: Optional[float]
+    head_gain: Optional[torch.Tensor]
+    scale_attn: Callable
+    scale_attn_gamma: Optional[torch.Tensor]
+    norm_mlp: Callable
+    mlp: Callable
+    scale_mlp: Callable
+    scale_mlp_gamma: Optional[torch.Tensor]
+    fc_in: Optional[torch.nn.Linear]
+    act: Optional[Callable]
+    fc_out: Optional[torch.nn.Linear]
+    norm_mlp_affine: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]]
+
+    @property
+    def d_model(self) -> int:
+        return self.w_out.shape[0]
+
+    # the attention, written once -------------------------------------------------------------------------------
+
+    def qkv(self, x: torch.Tensor):
+        """Per-head q, k, v [b, head, N, d_head] from the block's input residual stream x [b, N, d_model]."""
+        q, k, v = F.linear(self.norm_attn(x), self.w_in, self.b_in).chunk(3, dim=-1)
+        return tuple(split_heads(t, self.n_heads) for t in (q, k, v))
+
+    def _normed(self, q: torch.Tensor, k: torch.Tensor):
+        """q and k after the per-head qk-norm, when the block has one."""
+        if self.q_norm is not None:
+            return self.q_norm(q), self.k_norm(k)
+        return q, k
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax attention logits [b, head, rows, N] of (qk-normed) queries and keys."""
+        if self.cosine_scale is not None:  # scaled cosine attention
+            scale = torch.clamp(self.cosine_scale, max=self.cosine_scale_max).exp()  # [head, 1, 1]
+            return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
+        return q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
+
+    def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """[b, head, rows, N] post-softmax attention of the query rows q over the keys k."""
+        return self._logits(*self._normed(q, k)).softmax(dim=-1)
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """[b, head, N, d_head] -> [b, N, d_model], head scale applied (the input of the output projection)."""
+        if self.head_gain is not None:
+            out = out * self.head_gain
+        b, h, n, d = out.shape
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+    def after_heads(self, x_in: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention: x_in + scale_attn(heads_out W_out^T + b_out)."""
+        return x_in + self.scale_attn(F.linear(heads_out, self.w_out, self.b_out))
+
+    def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
+        """scale_mlp(mlp(norm_mlp(y))): what the MLP adds to the residual stream."""
+        return self.scale_mlp(self.mlp(self.norm_mlp(y)))
+
+    def after_mlp(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.mlp_out(y)
+
+    # the block forward, written once ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None) -> BlockTrace:
+        """The block with the full attention map made explicit; `delta` ([b, head, N, N]) is added to the
+        probabilities (a gradient with respect to it is the gradient with respect to the probabilities)."""
+        q, k, v = self.qkv(x)
+        probs = self.attention_probs(q, k)
+        used = probs if delta is None else probs + delta
+        heads_out = self.merge_heads(used @ v)
+        y = self.after_heads(x, heads_out)
+        return BlockTrace(x_in=x, q=q, k=k, v=v, probs=probs, heads_out=heads_out, y=y, x_out=self.after_mlp(y))
+
+    def forward_cls(self, x: torch.Tensor, keep_values: bool = False) -> Tuple[torch.Tensor, ClsState]:
+        """The block with only the CLS query's attention row made explicit (fused attention for the rest, where the
+        block allows it): (x_out, `ClsState`)."""
+        q, k, v = self.qkv(x)
+        q, k = self._normed(q, k)
+        if self.cosine_scale is None:
+            out = F.scaled_dot_product_attention(q, k, v)  # [batch, head, token, d_head]
+            attn_cls = self._logits(q[:, :, :1], k).softmax(dim=-1).squeeze(2)  # [batch, head, token]
+        else:
+            probs = self._logits(q, k).softmax(dim=-1)
+            out = probs @ v
+            attn_cls = probs[:, :, 0]
+        o_cls = out[:, :, 0]
+        y = self.after_heads(x, self.merge_heads(out))
+        mlp_out = self.mlp_out(y)
+        return y + mlp_out, ClsState(o_cls=o_cls, attn_cls=attn_cls, values=v if keep_values else None,
+                                     mlp_cls=mlp_out[:, 0])
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output only."""
+        return self.forward_cls(x)[0]
+
+
+@dataclass(eq=False)
+class Tower:
+    """A ViT image tower as textspan computes with it (CLS-token pooling, final norm, projection).
+
+    Shapes: images [b, 3, H, W]; tokens [b, N, d_model] with the CLS token first, then the patch grid row-major.
+    """
+
+    module: torch.nn.Module
+    patch_embed: Callable
+    weight: torch.Tensor  # the patch embedding's weight: the tower's device and dtype
+    cls_token: torch.Tensor
+    pos_embed: torch.Tensor
+    image_size: Tuple[int, int]
+    patch_size: Tuple[int, int]
+    grid_size: Tuple[int, int]
+    norm_pre: Callable
+    blocks: List[Block]
+    norm_final: Callable
+    norm_final_affine: Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]
+    projection: Optional[torch.Tensor]
+    dropout_prob: float
+    activation: str
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_heads(self) -> int:
+        return self.blocks[0].n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.blocks[0].d_model
+
+    @property
+    def d_embed(self) -> int:
+        return self.projection.shape[1] if self.projection is not None else self.d_model
+
+    @property
+    def d_mlp(self) -> int:
+        b = self.blocks[0]
+        return b.fc_in.out_features if b.fc_in is not None else 0
+
+    @property
+    def layer_scale(self) -> bool:
+        return self.blocks[0].scale_attn_gamma is not None
+
+    def check_images(self, images: torch.Tensor, any_size: bool = False) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise BadInputError(f"images must be a preprocessed batch [batch, 3, height, width]; got "
+                             f"{tuple(images.shape)}")
+        if any_size:
+            if images.shape[-2] < self.patch_size[0] or images.shape[-1] < self.patch_size[1]:
+                raise BadInputError(f"images of {tuple(images.shape[-2:])} px are smaller than one {self.patch_size} "
+                                 f"patch")
+        elif tuple(images.shape[-2:]) != self.image_size:
+            raise BadInputError(f"images are {tuple(images.shape[-2:])} px but the model expects {self.image_size}; use "
+                             f"the model's preprocess")
+
+    def grid_of(self, images: torch.Tensor) -> Tuple[int, int]:
+        return images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1]
+
+    def positions(self, grid, antialias: bool = True) -> torch.Tensor:
+        """[1 + gh * gw, d_model]: the positional embedding for a (gh, gw) patch grid. Other grids than the model's
+        own get the patch part resampled bicubically, in float32, with antialiasing by default (timm's
+        ``resample_abs_pos_embed`` convention; the Grad-ECLIP notebook resamples without); nothing is modified."""
+        pos = self.pos_embed
+        own = self.grid_size
+        grid = tuple(int(g) for g in grid)
+        if grid == own:
+            return pos
+        patch = pos[1:].float().reshape(1, own[0], own[1], -1).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
+        patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+        return torch.cat([pos[:1], patch], dim=0)
+
+    def embed(self, images: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+        """[b, N, d_model]: norm_pre(patches + CLS + positions)."""
+        x = self.patch_embed(images)  # [batch, d_model, grid_h, grid_w]
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [batch, grid tokens, d_model]
+        cls = self.cls_token.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positions(grid, antialias).to(x.dtype)
+        return self.norm_pre(x)
+
+    def pool(self, x_cls: torch.Tensor) -> torch.Tensor:
+        """[b, d_embed]: the unnormalised embedding from the final residual stream at CLS (final norm, projection)."""
+        e = self.norm_final(x_cls)
+        return e @ self.projection if self.projection is not None else e
+
+    def pooled_embedding(self, x_cls: torch.Tensor) -> torch.Tensor:
+        """[b, d_embed]: the normalised embedding from the final residual stream at CLS."""
+        return F.normalize(self.pool(x_cls), dim=-1)
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(device=self.weight.device, dtype=self.weight.dtype)
+
+    def final_stream(self, images: torch.Tensor) -> torch.Tensor:
+        """[b, N, d_model]: the residual stream after the last block (no internals kept)."""
+        x = self.embed(self.to_input(images))
+        for block in self.blocks:
+            x = block.fast(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the open_clip reader
+
+
+def check_decomposable(model: torch.nn.Module) -> None:
+    """Raise `UnsupportedModelError` unless textspan's forward reproduces this image tower exactly."""
+    from open_clip.transformer import (
+        Attention,
+        CustomResidualAttentionBlock,
+        ResidualAttentionBlock,
+        VisionTransformer,
+    )
+
+    visual = image_tower(model)
+    if not isinstance(visual, VisionTransformer):
+        raise UnsupportedModelError(
+            f"textspan decomposes open_clip VisionTransformer image towers; this model's is "
+            f"{type(visual).__name__} (timm trunks and ResNets are not supported)")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UnsupportedModelError("attentional pooling (CoCa-style) image towers are not supported yet")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise UnsupportedModelError(
+            f"pool_type={visual.pool_type!r} is not supported: the decomposition follows the CLS token ('tok')")
+    for i, block in enumerate(visual.transformer.resblocks):
+        if isinstance(block, ResidualAttentionBlock):
+            if hasattr(block, "ln_1_kv"):
+                raise UnsupportedModelError(f"block {i} is a cross-attention block")
+            if block.attn.in_proj_weight is None:
+                raise UnsupportedModelError(f"block {i}: separate q/k/v projections are not supported")
+        elif isinstance(block, CustomResidualAttentionBlock):
+            attn = block.attn
+            if not isinstance(attn, Attention):
+                raise UnsupportedModelError(f"block {i}: unknown attention module {type(attn).__name__}")
+            if not isinstance(attn.ln_inner, torch.nn.Identity):
+                raise UnsupportedModelError(
+                    f"block {i}: a LayerNorm between the heads and out_proj (scale_attn_inner) mixes the heads, so "
+                    f"per-head terms are not exact")
+            if not isinstance(block.ln_attn, torch.nn.Identity):
+                raise UnsupportedModelError(f"block {i}: a LayerNorm after attention (scale_attn) is not supported")
+        else:
+            raise UnsupportedModelError(f"block {i}: unknown block type {type(block).__name__}")
+
+
+def _gamma(ls) -> Optional[torch.Tensor]:
+    return getattr(ls, "gamma", None)
+
+
+def _affine(ln) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
+    return getattr(ln, "weight", None), getattr(ln, "bias", None), getattr(ln, "eps", 1e-5)
+
+
+def _read_block(block) -> Block:
+    attn = block.attn
+    custom = not isinstance(attn, torch.nn.MultiheadAttention)
+    mlp = block.mlp
+    parts = dict(mlp.named_children())
+    simple_mlp = list(parts) == ["c_fc", "gelu", "c_proj"]
+    return Block(
+        n_heads=attn.num_heads,
+        norm_attn=block.ln_1,
+        w_in=attn.in_proj_weight,
+        b_in=attn.in_proj_bias,
+        w_out=attn.out_proj.weight,
+        b_out=attn.out_proj.bias,
+        q_norm=attn.ln_q if custom else None,
+        k_norm=attn.ln_k if custom else None,
+        cosine_scale=attn.logit_scale if custom else None,
+        cosine_scale_max=getattr(attn, "logit_scale_max", None),
+        head_gain=attn.head_scale if custom else None,
+        scale_attn=block.ls_1,
+        scale_attn_gamma=_gamma(block.ls_1),
+        norm_mlp=block.ln_2,
+        mlp=mlp,
+        scale_mlp=block.ls_2,
+        scale_mlp_gamma=_gamma(block.ls_2),
+        fc_in=mlp.c_fc if simple_mlp else None,
+        act=mlp.gelu if simple_mlp else None,
+        fc_out=mlp.c_proj if simple_mlp else None,
+        norm_mlp_affine=_affine(block.ln_2) if isinstance(block.ln_2, torch.nn.LayerNorm) else None,
+    )
+
+
+def read_tower(model: torch.nn.Module) -> Tower:
+    """The `Tower` of a stock open_clip CLIP model (or of its image tower); refuses what it cannot reproduce."""
+    if isinstance(model, Tower):
+        return model
+    check_decomposable(model)
+    visual = image_tower(model)
+    blocks = [_read_block(b) for b in visual.transformer.resblocks]
+    b0 = visual.transformer.resblocks[0]
+    return Tower(
+        module=visual,
+        patch_embed=visual.conv1,
+        weight=visual.conv1.weight,
+        cls_token=visual.class_embedding,
+        pos_embed=visual.positional_embedding,
+        image_size=tuple(visual.image_size),
+        patch_size=tuple(visual.patch_size),
+        grid_size=tuple(visual.grid_size),
+        norm_pre=visual.ln_pre,
+        blocks=blocks,
+        norm_final=visual.ln_post,
+        norm_final_affine=_affine(visual.ln_post),
+        projection=visual.proj,
+        dropout_prob=float(getattr(visual.patch_dropout, "prob", 0.0)) if visual.training else 0.0,
+        activation=type(b0.mlp.gelu).__name__ if hasattr(b0.mlp, "gelu") else "?",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the rest of a CLIP model: its own encoders and logit scale
+
+
+def library_image_embedding(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[b, d_embed]: the library's own (unnormalised) image embedding."""
+    return model.encode_image(images) if hasattr(model, "encode_image") else model(images)
+
+
+def library_text_embedding(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[M, d_embed]: the library's own (unnormalised) text embedding."""
+    if not hasattr(model, "encode_text"):
+        raise UnsupportedModelError("this model has no text tower (pass the whole CLIP model, not its image tower)")
+    return model.encode_text(tokens)
+
+
+def learned_logit_scale(model: torch.nn.Module) -> torch.Tensor:
+    """The learnable log logit scale of a CLIP model (a parameter: training clamps it in place)."""
+    return model.logit_scale
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def set_start_values(model: torch.nn.Module, positions: Optional[torch.Tensor] = None,
+                     log_logit_scale: Optional[float] = None) -> None:
+    """Set initial values before training (the built-in model's sin-cos positions and logit scale)."""
+    with torch.no_grad():
+        if positions is not None:
+            image_tower(model).positional_embedding.copy_(positions)
+        if log_logit_scale is not None:
+            model.logit_scale.fill_(log_logit_scale)
