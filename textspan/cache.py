@@ -39,6 +39,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .datasets import ImageDataset, ImageList, collate_with_failures
 from .decomposition import decompose
+from .errors import BadInputError, CacheMismatchError, FolderBusyError, InputNotFoundError
+from .store import FolderLock, write_json_atomic, write_run_json
+from .store import now as _now
 from .models import fingerprint as model_fingerprint
 from .models import model_info
 
@@ -50,10 +53,6 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 # Settings that must agree for a rerun to resume (anything else, e.g. batch size, may change).
 IDENTITY_KEYS = ("model", "pretrained", "fingerprint", "image_size", "dtype", "images_digest", "n_images",
                  "world_size")
-
-
-class CacheMismatchError(RuntimeError):
-    """The output folder holds a cache made with another model, image list or settings."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -119,19 +118,6 @@ class NpyRows:
 
 # --------------------------------------------------------------------------------------------------------------------
 # manifest
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(folder: Path) -> Optional[dict]:
@@ -201,7 +187,17 @@ def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> Optional[dict
 
 def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, settings: dict, *, batch_size: int,
                  num_workers: int, overwrite: bool, quiet: bool, progress_desc: str = "caching") -> CacheResult:
-    """Cache `images` into `out` (one process): fresh, resumed, or a no-op when already complete."""
+    """Cache `images` into `out` (one process, holding the folder's lock): fresh, resumed, or a no-op when already
+    complete."""
+    with FolderLock(out, "cache"):
+        return _cache_range_locked(model, preprocess, images, out, settings, batch_size=batch_size,
+                                   num_workers=num_workers, overwrite=overwrite, quiet=quiet,
+                                   progress_desc=progress_desc)
+
+
+def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Path, settings: dict, *,
+                        batch_size: int, num_workers: int, overwrite: bool, quiet: bool,
+                        progress_desc: str) -> CacheResult:
     t0 = time.time()
     info = model_info(model)
     manifest = _prepare_folder(out, settings, overwrite)
@@ -228,6 +224,7 @@ def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, sett
     resumed_from = manifest["next_index"]
     rows_done = manifest["rows_done"]
     failures = list(manifest["failures"])
+    notes = list(manifest.get("notes", []))
 
     if manifest["next_index"] < len(images):
         dataset = ImageDataset(images, preprocess, indices=range(manifest["next_index"], len(images)))
@@ -238,7 +235,7 @@ def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, sett
                    unit="img")
         with open(out / "images.csv", "a", newline="") as csv_file:
             rows_csv = csv.writer(csv_file)
-            for indices, batch, bad in loader:
+            for indices, batch, bad, noted in loader:
                 n_in_batch = len(indices) + len(bad)
                 if batch is not None:
                     d = decompose(model, batch.to(device), spatial=False)
@@ -255,6 +252,11 @@ def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, sett
                 for idx, err in bad:
                     log.warning("skipping %s: %s", images.paths[idx], err)
                     failures.append({"path": images.paths[idx], "error": err})
+                for idx, note in noted:
+                    log.warning("%s: %s", images.paths[idx], note)
+                    notes.append({"path": images.paths[idx], "note": note})
+                if notes:
+                    manifest["notes"] = notes
                 manifest.update(rows_done=rows_done, next_index=manifest["next_index"] + n_in_batch,
                                 failures=failures, updated=_now())
                 write_json_atomic(out / "manifest.json", manifest)
@@ -273,7 +275,7 @@ def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, sett
 def cache_settings(model, *, model_name: str, pretrained: Optional[str], images: ImageList, dtype: str,
                    world_size: int = 1) -> dict:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+        raise BadInputError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     info = model_info(model)
     return dict(model=model_name, pretrained=pretrained, fingerprint=model_fingerprint(model),
                 image_size=list(info.image_size), dtype=dtype, n_layers=info.n_layers, n_heads=info.n_heads,
@@ -283,8 +285,12 @@ def cache_settings(model, *, model_name: str, pretrained: Optional[str], images:
 
 def build_cache(model, preprocess: Callable, images: ImageList, output, *, model_name: str,
                 pretrained: Optional[str] = None, batch_size: int = 32, dtype: str = "float32", num_workers: int = 0,
-                overwrite: bool = False, quiet: bool = False) -> CacheResult:
+                overwrite: bool = False, quiet: bool = False, arguments: Optional[dict] = None) -> CacheResult:
     """Decompose every image of `images` and stream the results into the cache folder `output`.
+
+    The folder is locked for the run (a second process writing into it is refused with `FolderBusyError`), a
+    folder made with other settings is refused with `CacheMismatchError` (unless ``overwrite``), an interrupted run
+    resumes where it stopped, and ``run.json`` is written when the cache is complete.
 
     Under ``torchrun`` (WORLD_SIZE > 1, with the process group initialised by `init_distributed`) each rank caches
     its share into a shard and rank 0 merges them; otherwise the folder is written directly. See the module doc.
@@ -299,15 +305,33 @@ def build_cache(model, preprocess: Callable, images: ImageList, output, *, model
         num_workers: DataLoader worker processes for image decoding.
         overwrite: replace a cache made with other settings instead of refusing.
         quiet: no progress bar.
+        arguments: what run.json records as the arguments (default: these keyword arguments).
+
+    Example:
+        >>> model, preprocess, _ = textspan.load_model("shapes")                       # doctest: +SKIP
+        >>> build_cache(model, preprocess, ImageList.from_path("shapes/images"), "cache", model_name="shapes")
     """
     out = Path(output)
     world, rank = _world()
+    t0 = time.time()
+    if arguments is None:
+        arguments = dict(images=images.source, model=model_name, pretrained=pretrained, batch_size=batch_size,
+                         dtype=dtype, num_workers=num_workers, overwrite=overwrite)
     settings = cache_settings(model, model_name=model_name, pretrained=pretrained, images=images, dtype=dtype,
                               world_size=world)
+
+    def finish():  # under the folder's lock
+        write_run_json(out, "cache", dict(arguments, world_size=world),
+                       model_fingerprint=read_manifest(out)["fingerprint"], started=t0)
+
     if world == 1:
-        return _cache_range(model, preprocess, images, out, settings, batch_size=batch_size,
-                            num_workers=num_workers, overwrite=overwrite, quiet=quiet)
-    return _build_distributed(model, preprocess, images, out, settings, batch_size=batch_size,
+        with FolderLock(out, "cache"):
+            result = _cache_range_locked(model, preprocess, images, out, settings, batch_size=batch_size,
+                                         num_workers=num_workers, overwrite=overwrite, quiet=quiet,
+                                         progress_desc="caching")
+            finish()
+            return result
+    return _build_distributed(model, preprocess, images, out, settings, finish=finish, batch_size=batch_size,
                               num_workers=num_workers, overwrite=overwrite, quiet=quiet, world=world, rank=rank)
 
 
@@ -344,22 +368,39 @@ def shard_bounds(n_images: int, batch_size: int, world: int, rank: int) -> Tuple
     return min(first * batch_size, n_images), min(last * batch_size, n_images)
 
 
-def _build_distributed(model, preprocess, images, out: Path, settings: dict, *, batch_size, num_workers, overwrite,
-                       quiet, world, rank) -> CacheResult:
+def _build_distributed(model, preprocess, images, out: Path, settings: dict, *, finish, batch_size, num_workers,
+                       overwrite, quiet, world, rank) -> CacheResult:
     dist = torch.distributed
     t0 = time.time()
     error = [None]
+    lock = FolderLock(out, "cache")
     if rank == 0:
         try:
+            lock.acquire()  # held by rank 0 until the shards are merged
+
             old = read_manifest(out)
             if old is not None and (overwrite or _describe_mismatch(old, settings)):
                 _prepare_folder(out, settings, overwrite)  # raises on mismatch unless overwrite
             out.mkdir(parents=True, exist_ok=True)
-        except CacheMismatchError as exc:
-            error = [str(exc)]
+        except (CacheMismatchError, FolderBusyError) as exc:
+            error = [(type(exc).__name__, str(exc))]
     dist.broadcast_object_list(error, src=0)  # every rank stops with rank 0's reason, none waits forever
     if error[0] is not None:
-        raise CacheMismatchError(error[0])
+        lock.release()
+        raise (FolderBusyError if error[0][0] == "FolderBusyError" else CacheMismatchError)(error[0][1])
+    try:
+        result = _shard_and_merge(model, preprocess, images, out, settings, batch_size=batch_size,
+                                  num_workers=num_workers, quiet=quiet, world=world, rank=rank, t0=t0)
+        if rank == 0:
+            finish()
+        return result
+    finally:
+        lock.release()
+
+
+def _shard_and_merge(model, preprocess, images, out: Path, settings: dict, *, batch_size, num_workers, quiet, world,
+                     rank, t0) -> CacheResult:
+    dist = torch.distributed
     final = read_manifest(out)
     if final is not None and final.get("complete"):
         return CacheResult(out, final["rows_done"], final["failures"], final["next_index"], 0.0)
@@ -389,7 +430,7 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
         src = np.load(shard_dirs[0] / f"{a}.npy", mmap_mode="r")
         writers[a] = NpyRows.create(out / f"{a}.npy", total, src.shape[1:], src.dtype)
     row = 0
-    failures = []
+    failures, notes = [], []
     with open(shard_dirs[0] / "images.csv", newline="") as g:
         header = next(csv.reader(g))
     with open(out / "images.csv", "w", newline="") as f:
@@ -409,6 +450,7 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
                     w.writerow([row + k] + rec[1:])
             row += n
             failures.extend(m["failures"])
+            notes.extend(m.get("notes", []))
     for wr in writers.values():
         wr.close()
     with open(out / "image_list.txt", "w") as f:
@@ -417,7 +459,7 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
     manifest = dict(settings, format=FORMAT, textspan_version=__version__, created=first.get("created"),
                     updated=_now(), rows_done=total, next_index=settings["n_images"], failures=failures,
                     complete=True, arrays={a: [total, *first["arrays"][a][1:]] for a in ARRAYS},
-                    merged_from=[str(d.relative_to(out)) for d in shard_dirs])
+                    merged_from=[str(d.relative_to(out)) for d in shard_dirs], **({"notes": notes} if notes else {}))
     write_json_atomic(out / "manifest.json", manifest)
     shutil.rmtree(out / "shards", ignore_errors=True)
     return manifest
@@ -440,11 +482,11 @@ class HeadCache:
         self.folder = Path(folder)
         m = read_manifest(self.folder)
         if m is None:
-            raise FileNotFoundError(f"{self.folder}: no manifest.json (not a textspan cache)")
+            raise InputNotFoundError(f"{self.folder}: no manifest.json (not a textspan cache)")
         if m.get("format") != FORMAT:
-            raise ValueError(f"{self.folder}: unknown cache format {m.get('format')!r}")
+            raise BadInputError(f"{self.folder}: unknown cache format {m.get('format')!r}")
         if not m.get("complete"):
-            raise ValueError(f"{self.folder}: the cache is incomplete ({m['rows_done']} rows, stopped at image "
+            raise BadInputError(f"{self.folder}: the cache is incomplete ({m['rows_done']} rows, stopped at image "
                              f"{m['next_index']} of {m['n_images']}); rerun `textspan cache` to finish it")
         self.manifest = m
 
