@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
+from .errors import BadInputError, InputNotFoundError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -58,14 +60,16 @@ class ImageList:
         sub-folder (ImageFolder layout, classes sorted by name); files directly in `folder` get label -1."""
         root = Path(folder)
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {folder}")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            raise InputNotFoundError(f"image folder not found: {folder}")
+        # a symlink that leads nowhere (or to itself) is kept, so that reading it reports it as a failure
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and (p.is_symlink() or p.is_file()))
         if not files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+            raise BadInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
         classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[p.relative_to(root).parts[0]] if len(p.relative_to(root).parts) > 1 else -1 for p in files]
-        return cls([str(p.resolve()) for p in files], labels, classes, source=str(root.resolve()))
+        return cls([_absolute(p) for p in files], labels, classes, source=str(root.resolve()))
 
     @classmethod
     def from_file(cls, list_file: Union[str, os.PathLike]) -> "ImageList":
@@ -76,14 +80,14 @@ class ImageList:
         """
         list_file = Path(list_file)
         if not list_file.is_file():
-            raise FileNotFoundError(f"image list file not found: {list_file}")
+            raise InputNotFoundError(f"image list file not found: {list_file}")
         base = list_file.resolve().parent
         rows: List[Tuple[str, str]] = []
         if list_file.suffix.lower() == ".csv":
             with open(list_file, newline="") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None or "path" not in reader.fieldnames:
-                    raise ValueError(f"{list_file}: a CSV image list needs a 'path' column (has {reader.fieldnames})")
+                    raise BadInputError(f"{list_file}: a CSV image list needs a 'path' column (has {reader.fieldnames})")
                 for r in reader:
                     rows.append((r["path"], (r.get("label") or "").strip()))
         else:
@@ -93,11 +97,19 @@ class ImageList:
                     if line and not line.startswith("#"):
                         rows.append((line, ""))
         if not rows:
-            raise ValueError(f"{list_file}: the image list is empty")
+            raise BadInputError(f"{list_file}: the image list is empty")
         paths = [str((base / p).resolve()) if not os.path.isabs(p) else p for p, _ in rows]
         raw = [y for _, y in rows]
-        if all(y == "" or _is_int(y) for y in raw):
+        ints = [k for k, y in enumerate(raw) if y and _is_int(y)]
+        names = [k for k, y in enumerate(raw) if y and not _is_int(y)]
+        if ints and names:
+            raise BadInputError(f"{list_file}: the label column mixes integers (line {ints[0] + 2}: {raw[ints[0]]!r}) "
+                                f"and class names (line {names[0] + 2}: {raw[names[0]]!r}); use one or the other")
+        if not names:
             labels, classes = [int(y) if y else -1 for y in raw], []
+            negative = [k for k, y in enumerate(labels) if y < -1]
+            if negative:
+                raise BadInputError(f"{list_file}, line {negative[0] + 2}: label {raw[negative[0]]!r} is negative")
         else:
             classes = sorted({y for y in raw if y})
             index = {c: i for i, c in enumerate(classes)}
@@ -115,13 +127,22 @@ class ImageList:
             rows = list(csv.DictReader(f))
         missing = {"img_filename", "y", "split", "place"} - set(rows[0] if rows else {})
         if missing:
-            raise ValueError(f"{meta}: not a Waterbirds metadata file (missing columns {sorted(missing)})")
+            raise BadInputError(f"{meta}: not a Waterbirds metadata file (missing columns {sorted(missing)})")
+        rows = [(k + 2, r) for k, r in enumerate(rows)]  # file line numbers (the header is line 1)
+        for line, r in rows:
+            for col, allowed in (("y", (0, 1)), ("place", (0, 1)), ("split", (0, 1, 2))):
+                value = (r.get(col) or "").strip()
+                if not _is_int(value) or int(value) not in allowed:
+                    raise BadInputError(f"{meta}, line {line}: column {col!r} is {value!r}; expected one of "
+                                        f"{list(allowed)}")
+            if not (r.get("img_filename") or "").strip():
+                raise BadInputError(f"{meta}, line {line}: empty img_filename")
         if split is not None:
-            if split not in WATERBIRDS_SPLITS:
-                raise ValueError(f"split must be one of {list(WATERBIRDS_SPLITS)}; got {split!r}")
-            rows = [r for r in rows if int(r["split"]) == WATERBIRDS_SPLITS[split]]
+            code = _split_code(split)
+            rows = [(line, r) for line, r in rows if int(r["split"]) == code]
         if not rows:
-            raise ValueError(f"{meta}: no rows for split {split!r}")
+            raise BadInputError(f"{meta}: no rows for split {split!r}")
+        rows = [r for _, r in rows]
         names = {v: k for k, v in WATERBIRDS_SPLITS.items()}
         y = [int(r["y"]) for r in rows]
         place = [int(r["place"]) for r in rows]
@@ -143,18 +164,28 @@ class ImageList:
         if p.is_dir() and _is_waterbirds(p):
             return cls.from_waterbirds(p, split)
         if split is not None:
-            raise ValueError("--split applies to Waterbirds-layout folders (metadata.csv with img_filename, y, "
+            raise BadInputError("--split applies to Waterbirds-layout folders (metadata.csv with img_filename, y, "
                              "split, place)")
         if p.is_dir():
             return cls.from_folder(p)
         if p.is_file():
             return cls.from_file(p)
-        raise FileNotFoundError(f"IMAGES must be a folder or a list file; not found: {images}")
+        raise InputNotFoundError(f"IMAGES must be a folder or a list file; not found: {images}")
 
 
 WATERBIRDS_SPLITS = {"train": 0, "val": 1, "test": 2}
 WATERBIRDS_CLASSES = ("landbird", "waterbird")
 WATERBIRDS_PLACES = ("land", "water")
+
+
+def _split_code(split) -> int:
+    """A Waterbirds split from its name (train/val/test) or the file's own value (0/1/2)."""
+    text = str(split).strip().lower()
+    if text in WATERBIRDS_SPLITS:
+        return WATERBIRDS_SPLITS[text]
+    if text in ("0", "1", "2"):
+        return int(text)
+    raise BadInputError(f"split must be one of train, val, test (or the file's values 0, 1, 2); got {split!r}")
 
 
 def _is_waterbirds(folder: Path) -> bool:
@@ -166,6 +197,14 @@ def _is_waterbirds(folder: Path) -> bool:
     return {"img_filename", "y", "split", "place"} <= set(header)
 
 
+def _absolute(p: Path) -> str:
+    """The resolved path, or the absolute (unresolved) one for a symlink loop."""
+    try:
+        return str(p.resolve(strict=False))
+    except (OSError, RuntimeError):
+        return str(p.absolute())
+
+
 def _is_int(s: str) -> bool:
     try:
         int(s)
@@ -174,15 +213,77 @@ def _is_int(s: str) -> bool:
         return False
 
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them on a page
+
+
+def read_image(path, *, notes: Optional[List[str]] = None, background=BACKGROUND) -> Image.Image:
+    """An image file as a viewer shows it, as 8-bit RGB.
+
+    - EXIF orientation is applied (a phone photo taken upright is upright);
+    - 16-bit and 32-bit integer images are scaled to 8 bits (65535 -> 255), not clipped; float images in [0, 1] are
+      scaled by 255;
+    - CMYK is converted through its embedded ICC profile when it has one (else Pillow's plain conversion);
+    - transparency (RGBA, LA, palette with a transparent colour) is composited on `background` (white);
+    - a multi-frame file (GIF, TIFF, ...) gives its first frame, and says so in `notes`.
+
+    Raises `BadInputError` naming the file when it cannot be read (missing, empty, truncated, not an image, a
+    symlink loop, a decompression bomb).
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise OSError("empty file (0 bytes)")
+        with Image.open(path) as img:
+            n_frames = getattr(img, "n_frames", 1)
+            if n_frames > 1 and notes is not None:
+                notes.append(f"{n_frames} frames: the first is used")
+            img.load()
+            return _as_rgb(img, background)
+    except BadInputError:
+        raise
+    except Exception as exc:  # decoding errors come in many types
+        raise BadInputError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+
+
+def _as_rgb(img: Image.Image, background) -> Image.Image:
+    import numpy as np
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode != "I" or arr.max() <= 65535 else float(arr.max())
+        img = Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), "L")
+    elif mode == "CMYK" and img.info.get("icc_profile"):
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            img = ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken profile: the plain conversion below
+            img = img.convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image fully (so truncation errors surface here) and convert it to RGB (grayscale, RGBA, palette)."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+    """`read_image` (kept under its earlier name)."""
+    return read_image(path)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items are (index, tensor or None, error or None); bad files never raise."""
+    """Items are (index, tensor or None, error or None, note or None); bad files never raise."""
 
     def __init__(self, images: ImageList, preprocess: Callable, indices: Optional[Sequence[int]] = None):
         self.images = images
@@ -195,19 +296,29 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         idx = self.indices[i]
         path = self.images.paths[idx]
+        notes: List[str] = []
         try:
-            if os.path.getsize(path) == 0:
-                raise OSError("empty file (0 bytes)")
-            tensor = self.preprocess(load_rgb(path))
-            return idx, tensor, None
-        except Exception as exc:  # any decoding/preprocessing failure is reported, not raised
-            return idx, None, f"{type(exc).__name__}: {exc}"
+            tensor = self.preprocess(read_image(path, notes=notes))
+            return idx, tensor, None, "; ".join(notes) or None
+        except BadInputError as exc:
+            return idx, None, _reason(exc, path), None
+        except Exception as exc:  # preprocessing failures are reported, not raised
+            return idx, None, f"{type(exc).__name__}: {exc}", None
+
+
+def _reason(exc: Exception, path: str) -> str:
+    """The error text without the leading file name (the caller records the path beside it)."""
+    text = str(exc)
+    prefix = f"{path}: cannot read the image ("
+    return text[len(prefix):-1] if text.startswith(prefix) and text.endswith(")") else text
 
 
 def collate_with_failures(items):
-    """Stack the good items; return (indices [k], images [k, 3, H, W] or None, failures [(index, error)])."""
-    good = [(i, t) for i, t, e in items if e is None]
-    failures = [(i, e) for i, t, e in items if e is not None]
+    """Stack the good items; return (indices [k], images [k, 3, H, W] or None, failures [(index, error)], notes
+    [(index, note)])."""
+    good = [(i, t) for i, t, e, _ in items if e is None]
+    failures = [(i, e) for i, t, e, _ in items if e is not None]
+    notes = [(i, n) for i, t, e, n in items if n]
     if not good:
-        return [], None, failures
-    return [i for i, _ in good], torch.stack([t for _, t in good]), failures
+        return [], None, failures, notes
+    return [i for i, _ in good], torch.stack([t for _, t in good]), failures, notes
