@@ -1,7 +1,7 @@
 """Text banks and their embeddings.
 
 A `TextBank` is an ordered list of distinct, non-blank texts read from a file (one entry per line) or a built-in bank
-name (``text_banks/NAME.txt`` of this repository). Blank lines are dropped and duplicates removed with a warning.
+name (``textspan/banks/NAME.txt``, shipped inside the package; ``text_banks/`` in the repository points there). Blank lines are dropped and duplicates removed with a warning.
 Its `digest` (sha256 of the entries) identifies it.
 
 `encode_texts` runs the model's text tower (batched, normalised). `bank_embeddings` caches the result on disk keyed
@@ -21,15 +21,13 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import engine
+from .errors import BadInputError, EmbeddingMismatchError, InputNotFoundError
 from .models import fingerprint as model_fingerprint
 
 log = logging.getLogger(__name__)
 
-BANK_DIR = Path(__file__).resolve().parent.parent / "text_banks"
-
-
-class EmbeddingMismatchError(ValueError):
-    """Text embeddings made with another model or another bank."""
+BANK_DIR = Path(__file__).resolve().parent / "banks"  # package data (text_banks/ in the repository links here)
 
 
 @dataclass
@@ -60,7 +58,7 @@ class TextBank:
         if dupes:
             log.warning("%s: %d duplicate lines removed", source or "text bank", dupes)
         if not cleaned:
-            raise ValueError(f"{source or 'text bank'}: no texts (empty or blank lines only)")
+            raise BadInputError(f"{source or 'text bank'}: no texts (empty or blank lines only)")
         return cls(cleaned, source)
 
     @classmethod
@@ -72,10 +70,18 @@ class TextBank:
             if named.is_file():
                 path = named
             else:
-                raise FileNotFoundError(f"text bank not found: {bank} (not a file; built-in banks: "
-                                        f"{builtin_banks()})")
+                raise InputNotFoundError(f"text bank not found: {bank} (not a file; built-in banks: "
+                                         f"{builtin_banks()})")
         with open(path, encoding="utf-8") as f:
             return cls.from_texts(f.read().splitlines(), source=str(path))
+
+
+def bank_path(name: str) -> Path:
+    """The file of a built-in bank or template list (``general``, ``shapes``, ``templates``, ``shapes_templates``)."""
+    path = BANK_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise InputNotFoundError(f"no built-in text bank {name!r} (built-in: {builtin_banks()})")
+    return path
 
 
 def builtin_banks() -> List[str]:
@@ -84,12 +90,12 @@ def builtin_banks() -> List[str]:
 
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """[M, d_embed] float32, unit-norm text embeddings (the model's text tower, batched)."""
-    device = next(model.parameters()).device
+    device = engine.model_device(model)
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
             tokens = tokenizer(list(texts[i:i + batch_size])).to(device)
-            e = model.encode_text(tokens).float()
+            e = engine.library_text_embedding(model, tokens).float()
             out.append(torch.nn.functional.normalize(e, dim=-1).cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -112,7 +118,7 @@ def load_embeddings(path, *, fingerprint: Optional[str] = None, bank: Optional[T
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} missing: text embeddings need their sidecar (model fingerprint, bank)")
+        raise InputNotFoundError(f"{meta_path} missing: text embeddings need their sidecar (model fingerprint, bank)")
     meta = json.loads(meta_path.read_text())
     if fingerprint is not None and meta["fingerprint"] != fingerprint:
         raise EmbeddingMismatchError(f"{path} holds text embeddings of another model (fingerprint "
