@@ -44,7 +44,7 @@ def main():
         heads = np.load(path, mmap_mode="r")
         mlps = rng.normal(scale=0.02, size=(n, L + 1, d)).astype(np.float32)
         t0 = time.perf_counter()
-        t = term_logits(heads, None, mlps, W)
+        t = term_logits(heads, None, mlps, W, same_set=True)
         t1 = time.perf_counter()
         acc = single_head_importance(t, labels)
         t2 = time.perf_counter()

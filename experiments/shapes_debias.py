@@ -1,24 +1,18 @@
 """Spurious-feature removal on the built-in testbed (the spurious shapes world, Waterbirds layout).
 
 Generates the testbed, caches its validation and test splits through the spurious-trained built-in model, and runs
-`textspan debias` with automatic and concept head selection for several head counts, the means (and the automatic
-choice of heads) taken on the validation split. The head count reported is the one with the best validation
-worst-group accuracy (the test split is not used to choose). Prints one table and writes summary.json.
+`textspan.debias_cache` with automatic and concept head selection for several head counts, the means (and the
+automatic choice of heads) taken on the validation split. The head count reported is the one with the best
+validation worst-group accuracy (the test split is not used to choose). Prints one table and writes summary.json.
+Everything goes through the Python API (the same functions the `textspan` commands call).
 
     python experiments/shapes_debias.py --output runs/shapes-debias [--model shapes-spurious] [--pretrained CKPT]
 """
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-
-def run(*args):
-    res = subprocess.run([sys.executable, "-m", "textspan", *map(str, args)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"textspan {' '.join(map(str, args))} failed:\n{res.stderr[-3000:]}")
-    return res.stdout
+import textspan
 
 
 def main():
@@ -31,22 +25,20 @@ def main():
     ap.add_argument("--counts", default="1,2,3,4,6,8,10,12")
     args = ap.parse_args()
     out = Path(args.output)
-    model = ["--model", args.model] + (["--pretrained", args.pretrained] if args.pretrained else [])
     if not (out / "data" / "metadata.csv").is_file():
-        run("shapes-waterbirds", "--n-train", 0, "--n-val", args.n_val, "--n-test", args.n_test, "-o", out / "data")
+        textspan.write_shapes_waterbirds(out / "data", 0, args.n_val, args.n_test)
+    loaded = textspan.jobs.resolve_model(args.model, args.pretrained, "cpu")
     for split in ("val", "test"):
-        run("cache", out / "data", "--split", split, *model, "-o", out / split, "--quiet", "--device", "cpu")
+        textspan.cache_images(out / "data", out / split, loaded, split=split)
     rows = []
     for select in ("auto", "concept"):
         for k in [int(x) for x in args.counts.split(",")]:
             res_dir = out / f"{select}-{k}"
             # validation run (choose k): means and evaluation on the validation split itself
-            run("debias", out / "val", "--same-set", "--select", select, "--n-heads", k, "-o",
-                res_dir / "val")
-            run("debias", out / "test", "--reference", out / "val", "--select", select, "--n-heads", k,
-                "-o", res_dir)
-            rep = json.loads((res_dir / "report.json").read_text())
-            val = json.loads((res_dir / "val" / "report.json").read_text())
+            val = textspan.debias_cache(out / "val", res_dir / "val", same_set=True, select=select, n_heads=k,
+                                        model=loaded).report
+            rep = textspan.debias_cache(out / "test", res_dir, reference=out / "val", select=select, n_heads=k,
+                                        model=loaded).report
             rows.append({"select": select, "n_heads": k, "heads": rep["heads"],
                          "val_worst_group": val["heads_ablated"]["worst_group"],
                          "test_worst_before": rep["baseline"]["worst_group"],

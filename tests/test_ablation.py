@@ -36,7 +36,7 @@ def _slow_logits(heads, cls, mlps, W, ref, ablate_heads=(), mlp=False, cls_layer
 
 def test_baseline_is_the_embedding_classifier(terms):
     heads, cls, mlps, emb, W, labels = terms
-    t = ablation.term_logits(heads, cls, mlps, W)
+    t = ablation.term_logits(heads, cls, mlps, W, same_set=True)
     np.testing.assert_allclose(t.base, emb @ W, atol=1e-5)
     np.testing.assert_allclose(ablation.ablate_heads(t, []), emb @ W, atol=1e-5)
 
@@ -71,7 +71,7 @@ def test_same_set_mean_at_batch_size_one_is_a_no_op(terms):
 
 def test_accumulated_curve_starts_at_baseline_and_ends_at_all_attention_ablated(terms):
     heads, cls, mlps, emb, W, labels = terms
-    t = ablation.term_logits(heads, cls, mlps, W)
+    t = ablation.term_logits(heads, cls, mlps, W, same_set=True)
     res = ablation.standard_ablations(t, labels)
     assert len(res["accumulated"]) == 4 and res["accumulated"][0] == res["baseline"]
     all_heads = [(l, h) for l in range(3) for h in range(4)]
@@ -110,10 +110,22 @@ def test_single_head_importance_with_duplicate_classes(terms, chunk):
     lab = labels.copy()
     lab[::3] = 5  # some images labelled with a later twin: never an argmax
     lab[1::7] = 1
-    t = ablation.term_logits(heads, cls, mlps, W2)
+    t = ablation.term_logits(heads, cls, mlps, W2, same_set=True)
     fast = ablation.single_head_importance(t, lab, chunk=chunk)
     for l in range(3):
         for h in range(4):
             slow = ablation.accuracy_from_logits(ablation.ablate_heads(t, [(l, h)]), lab)
             assert fast[l, h] == pytest.approx(slow)
     assert ablation._later_twins(W2).tolist() == [False] * 5 + [True, True]
+
+
+def test_default_protocol_is_a_disjoint_split(terms):
+    """Without a reference, term_logits takes the means from a seeded half and evaluates the other (DESIGN.md 5)."""
+    heads, cls, mlps, emb, W, labels = terms
+    t = ablation.term_logits(heads, cls, mlps, W)
+    ref_rows, eval_rows = ablation.split_rows(len(heads), 0.5, 0)
+    want = ablation.term_logits(heads, cls, mlps, W, rows=eval_rows, ref_rows=ref_rows)
+    assert t.n == len(eval_rows) and set(ref_rows).isdisjoint(eval_rows)
+    np.testing.assert_array_equal(t.base, want.base)
+    np.testing.assert_array_equal(t.mean_head, want.mean_head)
+    np.testing.assert_allclose(t.base, emb[eval_rows] @ W, atol=1e-5)

@@ -126,13 +126,16 @@ def test_debias_command_and_artifact(testbed, select):
     assert [f"L{l}H{h}" for l, h in clf.heads] == report["heads"]
     # applying it to the cache reproduces the report's numbers
     cache = textspan.HeadCache(tmp / "test")
-    pred = clf.predict_cache(cache)
+    cache_logits = clf.predict_cache(cache)
+    pred = clf.predict_labels(cache)
+    assert cache_logits.shape == (len(cache), 2) and (cache_logits.argmax(axis=1) == pred).all()
     m = db.group_metrics(pred, cache.labels, cache.images["group"].astype(str).to_numpy())
     assert m["worst_group"] == pytest.approx(report["heads_ablated"]["worst_group"])
-    # and to new images through the decomposition, the same predictions
+    # and to new images through the decomposition, the same logits and predictions (the same kind of thing)
     x = torch.stack([builtin.preprocess(load_rgb(p)) for p in cache.images["path"][:6]])
     logits = clf.predict(model, x)
-    assert (logits.argmax(axis=1) == pred[:6]).all()
+    assert logits.shape == (6, 2) and np.allclose(logits, cache_logits[:6], atol=1e-5)
+    assert (clf.predict_labels(model, x) == pred[:6]).all()
     other, _, _ = textspan.load_model("shapes", str(save_shapes_checkpoint(tmp / "other", seed=11)[0]))
     with pytest.raises(ValueError, match="fingerprint"):
         clf.predict(other, x)

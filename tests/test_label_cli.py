@@ -49,7 +49,8 @@ def test_encode_texts_and_label_heads(setup):
     # the CSV is what text_span gives on the cache's heads
     cache = textspan.HeadCache(tmp / "c")
     direct = text_span(np.asarray(cache.heads[:, 3, 5]), emb, meta["texts"], n_texts=3, rank=16)
-    mine = [r for r in rows if r["layer"] == "3" and r["head"] == "5"]
+    mine = [r for r in rows if r["head"] == "L3H5"]
+    assert {(r["layer"], r["head_index"]) for r in mine} == {("3", "5")}
     assert [r["text"] for r in mine] == direct.texts
     np.testing.assert_allclose([float(r["cumulative"]) for r in mine], direct.cumulative, atol=1e-6)
     assert "## L3H5" in (tmp / "labels" / "heads.md").read_text()
@@ -104,7 +105,8 @@ def test_completeness_command_and_its_identities(setup):
     W = rng.normal(size=(64, 5))
     results = {(l, h): text_span(np.concatenate([heads[:, l, h], heads[:, l, h] + 1e-3]), T, [str(i) for i in
                                  range(80)], n_texts=64, rank=64) for l in range(4) for h in range(8)}
-    acc = completeness(heads, mlps, emb, W, np.array([int((emb @ W).argmax())]), results, [64])
+    acc = completeness(heads, mlps, emb, W, np.array([int((emb @ W).argmax())]), results, [64],
+                       same_set=True)
     assert acc["baseline"] == 100.0 and acc["by_n_texts"][64] == 100.0 and acc["ablated_rest"] == 100.0
 
 

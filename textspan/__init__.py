@@ -10,7 +10,21 @@ Python API (see the README):
 
 __version__ = "0.1.0"
 
-from .cache import CacheMismatchError, HeadCache, build_cache  # noqa: E402
+from .errors import (  # noqa: E402
+    BadInputError,
+    CacheMismatchError,
+    EmbeddingMismatchError,
+    FolderBusyError,
+    FolderMismatchError,
+    InputNotFoundError,
+    ModelMismatchError,
+    TextspanError,
+    UnknownModelError,
+    UnsupportedModelError,
+    WeightsUnavailableError,
+)
+from .names import head_mask, head_name, parse_heads, parse_layers  # noqa: E402
+from .cache import HeadCache, build_cache  # noqa: E402
 from .datasets import ImageList  # noqa: E402
 from .decomposition import Decomposition, Projection, decompose, forward_image, project  # noqa: E402
 from .heatmaps import heatmaps  # noqa: E402
@@ -19,10 +33,37 @@ from .debias import DebiasedClassifier  # noqa: E402
 from .span import TextSpanResult, label_heads, text_span  # noqa: E402
 from .text import TextBank, bank_embeddings, encode_texts  # noqa: E402
 from .zeroshot import build_classifier  # noqa: E402
+from .store import RunFolder  # noqa: E402
+from .jobs import (  # noqa: E402
+    AblationResult,
+    CompletenessResult,
+    DebiasResult,
+    DecomposeSummary,
+    HeadLabels,
+    Retrieval,
+    ablate_cache,
+    cache_images,
+    debias_cache,
+    decompose_images,
+    encode_bank,
+    evaluate_shapes,
+    label_cache,
+    measure_completeness,
+    retrieve_images,
+    write_shapes_waterbirds,
+    write_shapes_world,
+)
+from .image_jobs import (  # noqa: E402
+    Comparison,
+    HeatmapResult,
+    compare_methods,
+    draw_heatmaps,
+    evaluate_perturbation,
+    evaluate_segmentation,
+)
+from .datasets import read_image  # noqa: E402
 from .models import (  # noqa: E402
     ModelInfo,
-    UnsupportedModelError,
-    WeightsUnavailableError,
     check_decomposable,
     fingerprint,
     load_model,
@@ -30,9 +71,17 @@ from .models import (  # noqa: E402
 )
 
 __all__ = [
-    "CacheMismatchError", "Decomposition", "HeadCache", "ImageList", "ModelInfo", "UnsupportedModelError",
+    "TextspanError", "BadInputError", "InputNotFoundError", "UnknownModelError", "FolderMismatchError",
+    "FolderBusyError", "ModelMismatchError", "EmbeddingMismatchError", "head_mask", "head_name", "parse_heads",
+    "parse_layers", "CacheMismatchError", "Decomposition", "HeadCache", "ImageList", "ModelInfo", "UnsupportedModelError",
     "WeightsUnavailableError", "build_cache", "check_decomposable", "decompose", "fingerprint", "forward_image",
     "load_model", "model_info", "TextSpanResult", "label_heads", "text_span", "TextBank", "bank_embeddings",
     "encode_texts", "build_classifier", "Projection", "project", "heatmaps", "DebiasedClassifier",
-    "explain", "get_method", "list_methods", "upsample_maps",
+    "explain", "get_method", "list_methods", "upsample_maps", "RunFolder", "read_image",
+    # jobs: whole analyses with their command's guarantees (textspan.jobs, textspan.image_jobs)
+    "AblationResult", "CompletenessResult", "DebiasResult", "DecomposeSummary", "HeadLabels", "Retrieval",
+    "ablate_cache", "cache_images", "debias_cache", "decompose_images", "encode_bank", "evaluate_shapes",
+    "label_cache", "measure_completeness", "retrieve_images", "write_shapes_waterbirds", "write_shapes_world",
+    "Comparison", "HeatmapResult", "compare_methods", "draw_heatmaps", "evaluate_perturbation",
+    "evaluate_segmentation",
 ]

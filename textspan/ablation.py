@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import BadInputError
 from .zeroshot import accuracy_from_logits
 
 
@@ -94,9 +95,10 @@ class TermLogits:
         # sum over heads of head logits, per layer; touched once up front (measured: page faults on first write,
         # interleaved with the reads of the memory-mapped terms, cost up to 3 s more for ImageNet on ViT-L)
         self.layer_head = _touched((self.n, L, C))
-        self.layer_cls = _touched((self.n, L, C)) if cls_to_cls is not None else np.empty((self.n, L, C), np.float32)
+        # without CLS->CLS terms there is nothing to ablate: no arrays, and asking for it is an error
+        self.layer_cls = _touched((self.n, L, C)) if cls_to_cls is not None else None
         self.mean_head = np.empty((L, H, C), np.float64)
-        self.mean_cls = np.empty((L, H, C), np.float64)
+        self.mean_cls = np.empty((L, H, C), np.float64) if cls_to_cls is not None else None
         self.mean_term = np.empty((L, H, self.W.shape[0]), np.float64)  # the heads' mean terms (reference rows)
         W64 = np.asarray(classifier, dtype=np.float64)
         # Row-major passes: each block of rows is read once, sequentially, for all layers. In the same-set protocol
@@ -141,9 +143,16 @@ class TermLogits:
 
 
 def term_logits(heads, cls_to_cls, mlps, classifier: np.ndarray, rows: Optional[np.ndarray] = None,
-                ref_heads=None, ref_cls=None, ref_mlps=None, ref_rows: Optional[np.ndarray] = None) -> TermLogits:
+                ref_heads=None, ref_cls=None, ref_mlps=None, ref_rows: Optional[np.ndarray] = None, *,
+                same_set: bool = False, seed: int = 0) -> TermLogits:
     """Project the terms on the classifier. `rows`/`ref_rows` select evaluation/reference rows of the arrays;
-    `ref_*` default to the evaluation arrays (same cache, possibly other rows)."""
+    `ref_*` default to the evaluation arrays (same cache, possibly other rows).
+
+    The default protocol (DESIGN.md section 5): when no reference arrays and no rows are given, the means come from
+    a seeded half of the rows (`split_rows(n, 0.5, seed)`) and the other half is evaluated; ``same_set=True`` takes
+    the means over the evaluated rows themselves (the published protocol)."""
+    if ref_heads is None and ref_mlps is None and rows is None and ref_rows is None and not same_set:
+        ref_rows, rows = split_rows(heads.shape[0], 0.5, seed)
     return TermLogits(heads, cls_to_cls, mlps, classifier, rows, ref_heads, ref_cls, ref_mlps, ref_rows)
 
 
@@ -159,6 +168,8 @@ def ablate_heads(t: TermLogits, heads: Iterable[Tuple[int, int]], *, layers: Seq
     for l, h in singles:
         logits += t.mean_head[l, h] - t.head_logits(l, h)
     chosen = set(singles) | {(l, h) for l in layers for h in range(t.n_heads)}
+    if list(cls_layers) and t.layer_cls is None:
+        raise BadInputError("CLS->CLS ablations need the CLS->CLS terms (cls_to_cls), which were not given")
     for l in cls_layers:
         logits += t.mean_cls[l].sum(axis=0) - t.layer_cls[:, l]
         for h in range(t.n_heads):
@@ -230,13 +241,13 @@ def standard_ablations(t: TermLogits, labels: np.ndarray) -> Dict:
     """baseline, mlps, cls_to_cls, mlps_and_cls_to_cls, per-layer cls_to_cls and the accumulated curve (%)."""
     L = t.n_layers
     acc = lambda logits: accuracy_from_logits(logits, labels)  # noqa: E731
-    out = {
-        "baseline": acc(t.base),
-        "mlps": acc(ablate_heads(t, [], mlps=True)),
-        "cls_to_cls": acc(ablate_heads(t, [], cls_layers=range(L))),
-        "mlps_and_cls_to_cls": acc(ablate_heads(t, [], mlps=True, cls_layers=range(L))),
-        "cls_to_cls_per_layer": [acc(ablate_heads(t, [], cls_layers=[l])) for l in range(L)],
-    }
+    out = {"baseline": acc(t.base), "mlps": acc(ablate_heads(t, [], mlps=True))}
+    if t.layer_cls is not None:  # (None: no CLS->CLS terms were given)
+        out.update({
+            "cls_to_cls": acc(ablate_heads(t, [], cls_layers=range(L))),
+            "mlps_and_cls_to_cls": acc(ablate_heads(t, [], mlps=True, cls_layers=range(L))),
+            "cls_to_cls_per_layer": [acc(ablate_heads(t, [], cls_layers=[l])) for l in range(L)],
+        })
     out["accumulated"] = [out["baseline"]] + [acc(ablate_heads(t, [], layers=range(l + 1))) for l in range(L)]
     return out
 

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import InputNotFoundError, ModelMismatchError
 from .metrics import correlation_ratio
 
 
@@ -90,13 +91,16 @@ class DebiasedClassifier:
 
     @classmethod
     def from_reference(cls, heads_ref, mlps_ref, classifier, classes, chosen, fingerprint, *, layers=(),
-                       mlps=False, model="", pretrained=None, info=None) -> "DebiasedClassifier":
-        """Means of the chosen terms over a reference set (arrays [n, L, H, d'] and [n, L+1, d'])."""
-        head_means = np.stack([np.asarray(heads_ref[:, l, h], dtype=np.float64).mean(axis=0) for l, h in chosen]) \
-            if chosen else np.zeros((0, np.asarray(classifier).shape[0]))
-        layer_means = np.stack([np.asarray(heads_ref[:, l], dtype=np.float64).mean(axis=0) for l in layers]) \
-            if layers else None
-        mlp_means = np.asarray(mlps_ref, dtype=np.float64).mean(axis=0) if mlps else None
+                       mlps=False, model="", pretrained=None, info=None, rows=None) -> "DebiasedClassifier":
+        """Means of the chosen terms over a reference set (arrays [n, L, H, d'] and [n, L+1, d'], e.g. a cache's
+        memory maps; `rows` selects reference rows). Read one head (or layer) at a time, never the whole array."""
+        def mean(view):  # view: a slice of a memory map; only the chosen rows of it are read
+            return np.asarray(view if rows is None else view[rows], dtype=np.float64).mean(axis=0)
+
+        head_means = np.stack([mean(heads_ref[:, l, h]) for l, h in chosen]) if chosen \
+            else np.zeros((0, np.asarray(classifier).shape[0]))
+        layer_means = np.stack([mean(heads_ref[:, l]) for l in layers]) if layers else None
+        mlp_means = mean(mlps_ref) if mlps else None
         return cls(np.asarray(classifier, dtype=np.float32), list(classes), [tuple(map(int, x)) for x in chosen],
                    head_means, fingerprint, model, pretrained, [int(l) for l in layers], layer_means, mlps,
                    mlp_means, dict(info or {}))
@@ -119,13 +123,17 @@ class DebiasedClassifier:
         return self.embeddings_from_terms(heads, mlps) @ self.classifier
 
     def predict_cache(self, cache, batch: int = 4096) -> np.ndarray:
-        """Predicted class indices for every row of a `HeadCache` of the same model."""
+        """Logits [n, C] for every row of a cache (a `HeadCache` or its folder) of the same model, streamed in row
+        blocks; refuses another model's cache."""
+        from .cache import HeadCache
+
+        cache = cache if isinstance(cache, HeadCache) else HeadCache(cache)
         if cache.manifest["fingerprint"] != self.fingerprint:
-            raise ValueError(f"{cache.folder} was made with another model (fingerprint "
-                             f"{cache.manifest['fingerprint']}; this classifier needs {self.fingerprint})")
-        out = [self.logits_from_terms(cache.heads[i:i + batch], cache.mlps[i:i + batch]).argmax(axis=1)
-               for i in range(0, len(cache), batch)]
-        return np.concatenate(out)
+            raise ModelMismatchError(f"{cache.folder} was made with another model (fingerprint "
+                                     f"{cache.manifest['fingerprint']}; this classifier needs {self.fingerprint})")
+        heads, mlps = cache.heads, cache.mlps
+        out = [self.logits_from_terms(heads[i:i + batch], mlps[i:i + batch]) for i in range(0, len(cache), batch)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def predict(self, model, images) -> np.ndarray:
         """Logits [b, C] for a preprocessed image batch, through the decomposition; refuses another model."""
@@ -134,10 +142,16 @@ class DebiasedClassifier:
 
         fp = fingerprint(model)
         if fp != self.fingerprint:
-            raise ValueError(f"this debiased classifier belongs to model {self.model!r} (fingerprint "
-                             f"{self.fingerprint}); the given model's fingerprint is {fp}")
+            raise ModelMismatchError(f"this debiased classifier belongs to model {self.model!r} (fingerprint "
+                                     f"{self.fingerprint}); the given model's fingerprint is {fp}")
         d = decompose(model, images, spatial=False)
         return self.logits_from_terms(d.heads.double().cpu().numpy(), d.mlps.double().cpu().numpy())
+
+    def predict_labels(self, source, images=None) -> np.ndarray:
+        """Predicted class indices: ``predict_labels(cache)`` for a cache (or its folder), ``predict_labels(model,
+        images)`` for a preprocessed image batch (the argmax of `predict_cache` / `predict`)."""
+        logits = self.predict_cache(source) if images is None else self.predict(source, images)
+        return logits.argmax(axis=1)
 
     # files ------------------------------------------------------------------------------------------------------
 
@@ -162,7 +176,7 @@ class DebiasedClassifier:
         folder = Path(folder)
         meta_path = folder / "debiased_classifier.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found (output of `textspan debias`)")
+            raise InputNotFoundError(f"{meta_path} not found (output of `textspan debias`)")
         meta = json.loads(meta_path.read_text())
         arrays = np.load(folder / "debiased_classifier.npz")
         heads = [tuple(int(x) for x in name[1:].split("H")) for name in meta["heads"]]

@@ -12,6 +12,8 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from .errors import BadInputError
+
 
 NON_GEOMETRIC = ("ToTensor", "MaybeToTensor", "Normalize", "MaybeConvertMode", "ConvertImageDtype")
 
@@ -28,7 +30,7 @@ def mask_transform(preprocess):
 
         if preprocess is builtin.preprocess:
             return lambda m: m.resize((builtin.world.SIZE, builtin.world.SIZE), Image.NEAREST)
-        raise ValueError("cannot align masks with this preprocess (no torchvision transforms list)")
+        raise BadInputError("cannot align masks with this preprocess (no torchvision transforms list)")
     geo = []
     for t in steps:
         if isinstance(t, T.Resize):
@@ -38,7 +40,7 @@ def mask_transform(preprocess):
         elif type(t).__name__ in NON_GEOMETRIC or type(t).__name__ == "function":
             continue  # colour conversion, tensor conversion, normalisation
         else:
-            raise ValueError(f"cannot align masks with the preprocessing step {type(t).__name__}")
+            raise BadInputError(f"cannot align masks with the preprocessing step {type(t).__name__}")
     return T.Compose(geo)
 
 
@@ -55,7 +57,7 @@ def mat_entries(path) -> int:
         with h5py.File(path, "r") as f:
             return int(f["value/img"].shape[0])
     except (OSError, KeyError) as exc:
-        raise ValueError(f"{path}: not an ImageNet-segmentation .mat file (HDF5 with value/img and value/gt): "
+        raise BadInputError(f"{path}: not an ImageNet-segmentation .mat file (HDF5 with value/img and value/gt): "
                          f"{exc}") from exc
 
 
@@ -83,7 +85,7 @@ def folder_images(folder) -> List[Path]:
     root = Path(folder)
     images = sorted(p for p in (root / "images").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
-        raise ValueError(f"{folder}: expected images under {root / 'images'} and masks under {root / 'masks'}")
+        raise BadInputError(f"{folder}: expected images under {root / 'images'} and masks under {root / 'masks'}")
     return images
 
 

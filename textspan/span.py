@@ -23,6 +23,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .errors import BadInputError
+from .names import parse_heads, parse_layers  # noqa: F401  (re-exported: they used to live here)
+
 
 @dataclass
 class TextSpanResult:
@@ -91,13 +94,13 @@ def text_span(head_outputs, text_embeddings, texts: Sequence[str], n_texts: int 
     T = _as_float64(text_embeddings)
     n, d = C.shape
     if T.ndim != 2 or T.shape[1] != d:
-        raise ValueError(f"text embeddings {T.shape} do not match the head outputs' width {d} (another model?)")
+        raise BadInputError(f"text embeddings {T.shape} do not match the head outputs' width {d} (another model?)")
     if len(texts) != T.shape[0]:
-        raise ValueError(f"{len(texts)} texts for {T.shape[0]} text embeddings")
+        raise BadInputError(f"{len(texts)} texts for {T.shape[0]} text embeddings")
     if n_texts > T.shape[0]:
-        raise ValueError(f"n_texts={n_texts} is more than the {T.shape[0]} texts in the bank")
+        raise BadInputError(f"n_texts={n_texts} is more than the {T.shape[0]} texts in the bank")
     if n < 2:
-        raise ValueError("TextSpan needs at least 2 images")
+        raise BadInputError("TextSpan needs at least 2 images")
     rank = min(rank, d)
 
     V = top_right_singular_vectors(C, rank)  # [r, d']
@@ -116,7 +119,7 @@ def text_span(head_outputs, text_embeddings, texts: Sequence[str], n_texts: int 
         tau = t[j].copy()
         tau_sq = float(tau @ tau)
         if tau_sq <= 1e-30:
-            raise ValueError("every remaining text direction is zero: fewer independent texts than n_texts "
+            raise BadInputError("every remaining text direction is zero: fewer independent texts than n_texts "
                              f"within rank {rank}")
         picked.append(j)
         var_explained.append(float(tau @ S @ tau) / tau_sq / total_variance)
@@ -142,42 +145,6 @@ def _as_float64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def parse_layers(spec: Optional[str], n_layers: int) -> List[int]:
-    """Layer selection: "-4:" (last four), "2:6", "0,3,-1", "5", or None/"all"; negative numbers count from the end."""
-    if spec is None or str(spec).strip() in ("", "all", ":"):
-        return list(range(n_layers))
-    spec = str(spec).strip()
-    if ":" in spec:
-        a, b = spec.split(":", 1)
-        layers = list(range(n_layers))[slice(int(a) if a else None, int(b) if b else None)]
-    else:
-        layers = []
-        for part in spec.split(","):
-            k = int(part)
-            if not -n_layers <= k < n_layers:
-                raise ValueError(f"layer {k} is out of range for {n_layers} layers")
-            layers.append(k % n_layers)
-    if not layers:
-        raise ValueError(f"layer selection {spec!r} selects no layer of {n_layers}")
-    return layers
-
-
-def parse_heads(spec: str, n_layers: int, n_heads: int) -> List[tuple]:
-    """"L10H3,L-1H2" -> [(10, 3), (n_layers - 1, 2)]."""
-    import re
-
-    out = []
-    for part in spec.replace(" ", "").split(","):
-        m = re.fullmatch(r"L(-?\d+)H(\d+)", part, flags=re.IGNORECASE)
-        if not m:
-            raise ValueError(f"{part!r} is not a head name like L10H3")
-        layer, head = int(m.group(1)), int(m.group(2))
-        if not -n_layers <= layer < n_layers or not 0 <= head < n_heads:
-            raise ValueError(f"{part} is outside the model's {n_layers} layers x {n_heads} heads")
-        out.append((layer % n_layers, head))
-    return out
-
-
 def label_heads(heads, text_embeddings, texts: Sequence[str], layers: Sequence[int], n_texts: int = 20,
                 rank: int = 80, progress: bool = True) -> dict:
     """TextSpan for every head of the given layers of a cache's heads array [n, L, H, d'].
@@ -188,7 +155,7 @@ def label_heads(heads, text_embeddings, texts: Sequence[str], layers: Sequence[i
 
     n_heads = heads.shape[2]
     if max(layers) >= heads.shape[1]:
-        raise ValueError(f"the cache has {heads.shape[1]} layers; asked for layer {max(layers)}")
+        raise BadInputError(f"the cache has {heads.shape[1]} layers; asked for layer {max(layers)}")
     todo = [(l, h) for l in layers for h in range(n_heads)]
     results = {}
     for l, h in tqdm(todo, disable=not progress, desc="TextSpan", unit="head"):
@@ -197,30 +164,40 @@ def label_heads(heads, text_embeddings, texts: Sequence[str], layers: Sequence[i
 
 
 def completeness(heads, mlps, embeddings, classifier: np.ndarray, labels: np.ndarray, results: dict,
-                 n_texts_list: Sequence[int], ref_heads=None, ref_mlps=None) -> dict:
+                 n_texts_list: Sequence[int], ref_heads=None, ref_mlps=None, *, rows=None, ref_rows=None,
+                 same_set: bool = False, seed: int = 0) -> dict:
     """Zero-shot accuracy when the analysed heads are replaced by their TextSpan reconstructions with m texts and
     every other head and all MLP-type terms (embedding term included) are mean-ablated.
 
     Logits are linear in the terms, so each head is read once: its reconstruction's logits are
-    mean @ W + (centred @ Q_m^T)(Q_m W). Means of ablated terms come from `ref_heads`/`ref_mlps` (default: the
-    evaluated cache itself, the published protocol).
+    mean @ W + (centred @ Q_m^T)(Q_m W). Means of ablated terms come from `ref_heads`/`ref_mlps` (rows `ref_rows`);
+    without them, by default (DESIGN.md section 5) from a seeded half of the rows, the other half evaluated, or with
+    ``same_set=True`` from the evaluated rows themselves (the published protocol). `rows` selects the evaluated
+    rows (`labels` and `embeddings` are indexed by the full row numbers).
 
     Returns {"baseline": %, "ablated_rest": % (analysed heads kept intact, the rest mean-ablated),
     "by_n_texts": {m: %}}.
     """
+    from .ablation import split_rows
+
+    if ref_heads is None and ref_mlps is None and rows is None and ref_rows is None and not same_set:
+        ref_rows, rows = split_rows(heads.shape[0], 0.5, seed)
     from .zeroshot import accuracy, accuracy_from_logits
 
     ref_heads = heads if ref_heads is None else ref_heads
     ref_mlps = mlps if ref_mlps is None else ref_mlps
-    n, L, H = heads.shape[:3]
+    pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+    ref_pick = (lambda a: a) if ref_rows is None else (lambda a: a[ref_rows])
+    L, H = heads.shape[1:3]
+    n = heads.shape[0] if rows is None else len(rows)
     W = np.asarray(classifier, dtype=np.float64)
-    const = np.asarray(ref_mlps, dtype=np.float64).mean(axis=0).sum(axis=0) @ W  # [C]
+    const = np.asarray(ref_pick(ref_mlps), dtype=np.float64).mean(axis=0).sum(axis=0) @ W  # [C]
     intact = np.zeros((n, W.shape[1]))
     by_m = {m: np.zeros((n, W.shape[1])) for m in n_texts_list}
     for l in range(L):
         for h in range(H):
             if (l, h) in results:
-                C = np.asarray(heads[:, l, h], dtype=np.float64)
+                C = np.asarray(pick(heads[:, l, h]), dtype=np.float64)
                 r = results[(l, h)]
                 intact += C @ W
                 Q = r.directions / np.linalg.norm(r.directions, axis=1, keepdims=True)
@@ -229,13 +206,13 @@ def completeness(heads, mlps, embeddings, classifier: np.ndarray, labels: np.nda
                 base = r.mean @ W
                 for m in n_texts_list:
                     if m > len(Q):
-                        raise ValueError(f"{m} texts asked, but TextSpan picked only {len(Q)} for L{l}H{h}")
+                        raise BadInputError(f"{m} texts asked, but TextSpan picked only {len(Q)} for L{l}H{h}")
                     by_m[m] += base + P[:, :m] @ QW[:m]
             else:
-                const = const + np.asarray(ref_heads[:, l, h], dtype=np.float64).mean(axis=0) @ W
-    labels = np.asarray(labels)
+                const = const + np.asarray(ref_pick(ref_heads[:, l, h]), dtype=np.float64).mean(axis=0) @ W
+    labels = np.asarray(pick(np.asarray(labels)))
     return {
-        "baseline": accuracy(np.asarray(embeddings, dtype=np.float64), W, labels),
+        "baseline": accuracy(np.asarray(pick(embeddings), dtype=np.float64), W, labels),
         "ablated_rest": accuracy_from_logits(intact + const, labels),
         "by_n_texts": {m: accuracy_from_logits(v + const, labels) for m, v in by_m.items()},
     }

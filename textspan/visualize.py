@@ -134,3 +134,63 @@ def overlay_grid(images, maps, row_labels, col_labels, path, title: str = "", cm
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def completeness_plot(ms, acc, path):
+    """Accuracy of the TextSpan reconstructions per number of texts, against the baseline and the heads kept
+    intact with the rest mean-ablated."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ms, [acc["by_n_texts"][m] for m in ms], "o-", label="TextSpan reconstruction")
+    ax.axhline(acc["baseline"], color="k", ls="--", label="baseline")
+    ax.axhline(acc["ablated_rest"], color="gray", ls=":", label="heads intact, rest mean-ablated")
+    ax.set_xlabel("texts per head")
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def perturbation_plot(path, fractions, acc, method):
+    """Accuracy against the fraction of patches removed, most relevant first (positive) and least (negative)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    pct = [100 * f for f in fractions]
+    ax.plot(pct, acc["positive"], "o-", label="positive (most relevant removed first)")
+    ax.plot(pct, acc["negative"], "s-", label="negative (least relevant removed first)")
+    ax.set_xlabel("patches removed (%)")
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_title(f"perturbation: {method}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_grid(path, frames, image_names, prompts, methods, shown, times):
+    """Rows: image x prompt; columns: the image, then each method's map (upsampled, min-max), one colour bar."""
+    import numpy as np
+
+    plt = _plt()
+    rows = [(i, j) for i in range(len(frames)) for j in range(len(prompts))]
+    fig, axes = plt.subplots(len(rows), len(methods) + 1, figsize=(1.9 * (len(methods) + 1) + 0.9, 1.9 * len(rows)
+                                                                    + 0.5), squeeze=False)
+    im = None
+    for r, (i, j) in enumerate(rows):
+        img = np.asarray(frames[i].convert("RGB"))
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_ylabel(f"{image_names[i]}\n{prompts[j]!r}", fontsize=7)
+        for c, m in enumerate(methods, start=1):
+            axes[r, c].imshow(img)
+            im = axes[r, c].imshow(shown[m][i, j], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            if r == 0:
+                axes[r, c].set_title(f"{m}\n{times[m]:.2f}s", fontsize=7)
+        if r == 0:
+            axes[r, 0].set_title("image", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, label="relevance (min-max per map)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

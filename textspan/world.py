@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import BadInputError
+
 SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = {
@@ -103,7 +105,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
         w = 0.36 * r
         ax, ay = np.abs(dx), np.abs(dy)
         return ((ax <= w) & (ay <= r)) | ((ay <= w) & (ax <= r))
-    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    raise BadInputError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
 def _background(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -174,7 +176,7 @@ def make_caption(objects: Sequence[Dict[str, str]], background: str, rng: np.ran
 def sample(seed: int, index: int, *, n_objects: int = 1, spurious: Optional[Spurious] = None) -> Sample:
     """The sample at (seed, index): deterministic, independent of any other call."""
     if n_objects not in (1, 2):
-        raise ValueError("n_objects must be 1 or 2")
+        raise BadInputError("n_objects must be 1 or 2")
     rng = _rng(seed, index)
     extra = {}
     if spurious is not None:

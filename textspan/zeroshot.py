@@ -11,13 +11,14 @@ from typing import List, Sequence
 
 import numpy as np
 
+from .errors import BadInputError, InputNotFoundError
 from .text import TextBank, encode_texts
 
 
 def read_lines(path, what: str) -> List[str]:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise InputNotFoundError(f"{what} file not found: {path}")
     return TextBank.load(p).texts
 
 
@@ -25,7 +26,7 @@ def read_templates(path) -> List[str]:
     templates = read_lines(path, "templates")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
-        raise ValueError(f"{path}: every template needs exactly one '{{}}' for the class name; not: {bad[:3]}")
+        raise BadInputError(f"{path}: every template needs exactly one '{{}}' for the class name; not: {bad[:3]}")
     return templates
 
 
@@ -44,7 +45,7 @@ def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels)
     keep = labels >= 0
     if not keep.any():
-        raise ValueError("no labelled images (every label is -1)")
+        raise BadInputError("no labelled images (every label is -1)")
     return float((np.asarray(logits)[keep].argmax(axis=1) == labels[keep]).mean() * 100)
 
 

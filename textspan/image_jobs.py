@@ -1,0 +1,421 @@
+"""Jobs on images: heatmaps, the comparison of explainers, and the segmentation and perturbation evaluations.
+
+Like `textspan.jobs`, each is a library function with its command's guarantees: a locked `RunFolder`, run.json,
+and for the evaluations a resumable progress file (saved after every batch; a rerun with the same settings
+continues where it stopped and equals an uninterrupted run; other settings are refused unless ``overwrite``).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from . import engine, explain_eval, metrics
+from .errors import BadInputError
+from .jobs import Loaded, Notify, _nothing, resolve_model, zero_shot_classifier
+from .store import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def _images(loaded: Loaded, paths: Sequence):
+    """(PIL images as read, preprocessed batch on the model's device); an unreadable file stops with its name."""
+    import torch
+
+    from .datasets import read_image
+
+    pil = [read_image(p) for p in paths]
+    x = torch.stack([loaded.preprocess(im) for im in pil]).to(engine.model_device(loaded.model))
+    return pil, x
+
+
+def _texts(loaded: Loaded, texts: Sequence[str]):
+    import torch
+
+    from .text import encode_texts
+
+    if not texts:
+        raise BadInputError("no prompts given")
+    return torch.from_numpy(encode_texts(loaded.model, loaded.tokenizer, list(texts)))
+
+
+@dataclass
+class HeatmapResult:
+    """maps [b, k, grid_h, grid_w] of the prompts (or None), per_head {head: [b, k, gh, gw]} (with head_grid),
+    per labelled head {head: [b, top, gh, gw]} for its top TextSpan texts (with labels)."""
+
+    maps: Optional[np.ndarray]
+    per_head: Dict[str, np.ndarray]
+    labelled: Dict[str, np.ndarray]
+
+
+def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), model="shapes", pretrained=None, *,
+                  device=None, heads=None, layers=None, absolute: bool = False, labels=None, top: int = 3,
+                  panel_scale: bool = False, head_grid: bool = False, overwrite: bool = False) -> HeatmapResult:
+    """Per-prompt spatial maps from the decomposition for image files.
+
+    With ``output``: an overlay PNG per image and prompt (NAME_JJ.png), the raw maps (maps.npy) and grid.png; with
+    ``head_grid`` (needs `heads`) one grid per prompt of images x heads (head_grid_JJ.png); with ``labels`` (a
+    label-heads folder or `HeadLabels`) a figure and an array per labelled head for its `top` texts. Relative maps
+    (the default) need two prompts at least; ``absolute=True`` gives each prompt's own map.
+    """
+    from .heatmaps import check_relative, heatmaps
+    from .jobs import HeadLabels
+    from .names import head_name, parse_heads
+
+    if not prompts and labels is None:
+        raise BadInputError("give prompts (--prompts) and/or labels (--labels)")
+    if head_grid and not heads:
+        raise BadInputError("head_grid (--head-grid) needs heads (--heads)")
+    if prompts:
+        check_relative(not absolute, len(prompts))
+    label_set = None
+    if labels is not None:
+        label_set = labels if isinstance(labels, HeadLabels) else HeadLabels.load(labels)
+    loaded = resolve_model(model, pretrained, device)
+    tower = engine.read_tower(loaded.model)
+    pairs = parse_heads(heads, tower.n_layers, tower.n_heads) if heads else []
+    if layers is not None:
+        from .names import parse_layers
+
+        parse_layers(layers, tower.n_layers)  # checked before anything is written
+    pil, x = _images(loaded, images)
+    names = [Path(p).stem for p in images]
+    shown = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]  # the maps live on the preprocessed frame
+    result = HeatmapResult(None, {}, {})
+    run = RunFolder(output, "heatmap", overwrite=overwrite) if output is not None else None
+    out = Path(output) if output is not None else None
+    from .visualize import overlay, overlay_grid
+
+    with run if run is not None else _nothing():
+        if prompts:
+            T = _texts(loaded, prompts)
+            maps = heatmaps(loaded.model, x, T, heads=heads, layers=layers, relative=not absolute).cpu().numpy()
+            result.maps = maps
+            if out is not None:
+                np.save(out / "maps.npy", maps)
+                for i, name in enumerate(names):
+                    for j, _ in enumerate(prompts):
+                        overlay(shown[i], maps[i, j]).save(out / f"{name}_{j:02d}.png")
+                overlay_grid(shown, maps, names, list(prompts), out / "grid.png",
+                             title=("relative " if not absolute else "") + "decomposition maps",
+                             shared_scale=not panel_scale)
+            if head_grid:
+                per = np.stack([heatmaps(loaded.model, x, T, heads=[p], relative=not absolute).cpu().numpy()
+                                for p in pairs], axis=2)  # [b, k, heads, g, g]
+                result.per_head = {head_name(*p): per[:, :, k] for k, p in enumerate(pairs)}
+                if out is not None:
+                    for j, prompt in enumerate(prompts):
+                        overlay_grid(shown, per[:, j], names, [head_name(*p) for p in pairs],
+                                     out / f"head_grid_{j:02d}.png", title=f"{prompt!r} per head",
+                                     shared_scale=not panel_scale)
+        if label_set is not None:
+            for rec in label_set.records():
+                texts = [t["text"] for t in rec["texts"][:top]]
+                m = heatmaps(loaded.model, x, _texts(loaded, texts), heads=rec["head"],
+                             relative=not absolute and len(texts) > 1).cpu().numpy()
+                result.labelled[rec["head"]] = m
+                if out is not None:
+                    np.save(out / f"{rec['head']}.npy", m)
+                    overlay_grid(shown, m, names, texts, out / f"{rec['head']}.png",
+                                 title=f"{rec['head']}: top texts", shared_scale=not panel_scale)
+        if run is not None:
+            run.write_run_json(dict(images=[str(p) for p in images], model=loaded.name, pretrained=loaded.pretrained,
+                                    prompts=list(prompts), heads=heads, layers=layers, absolute=absolute,
+                                    labels=None if labels is None or isinstance(labels, HeadLabels) else str(labels)),
+                               model_fingerprint=loaded.fingerprint)
+    return result
+
+
+@dataclass
+class Comparison:
+    """Raw maps per method ([b, P, grid_h, grid_w]) and seconds per method."""
+
+    maps: Dict[str, np.ndarray]
+    seconds: Dict[str, float]
+
+
+def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model="shapes", pretrained=None, *,
+                    methods: Optional[Sequence[str]] = None, device=None, overwrite: bool = False) -> Comparison:
+    """Every explainer on the same images and prompts: compare.png (rows: image x prompt, columns: methods; each
+    map upsampled and min-max normalised, one shared colour bar), maps_<method>.npy (raw [b, P, grid_h, grid_w])
+    and times.json (seconds per method), given ``output``."""
+    from .methods import explain, list_methods, upsample_maps
+
+    names = list(methods) if methods else list_methods()
+    unknown = [m for m in names if m not in list_methods()]
+    if unknown:
+        raise BadInputError(f"unknown methods {unknown}; known: {', '.join(list_methods())}")
+    loaded = resolve_model(model, pretrained, device)
+    pil, x = _images(loaded, images)
+    T = _texts(loaded, prompts)
+    res = Comparison({}, {})
+    shown = {}
+    run = RunFolder(output, "compare", overwrite=overwrite) if output is not None else None
+    with run if run is not None else _nothing():
+        for m in names:
+            start = time.perf_counter()
+            raw = explain(loaded.model, x, T, method=m,
+                          **({"relative": len(prompts) > 1} if m == "decomposition" else {}))
+            res.seconds[m] = time.perf_counter() - start
+            res.maps[m] = raw.cpu().numpy()
+            shown[m] = upsample_maps(raw.cpu(), tuple(x.shape[-2:])).numpy()  # [b, P, H, W] in [0, 1]
+        if run is not None:
+            out = Path(output)
+            from .visualize import compare_grid
+
+            for m in names:
+                np.save(out / f"maps_{m}.npy", res.maps[m])
+            frames = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
+            compare_grid(out / "compare.png", frames, [Path(p).stem for p in images], list(prompts), names, shown,
+                         res.seconds)
+            (out / "times.json").write_text(json.dumps({"seconds": res.seconds, "images": len(images),
+                                                        "prompts": len(prompts), "device": str(x.device)}, indent=1))
+            run.write_run_json(dict(images=[str(p) for p in images], methods=names, prompts=list(prompts),
+                                    model=loaded.name, pretrained=loaded.pretrained),
+                               model_fingerprint=loaded.fingerprint)
+    return res
+
+
+def _eval_settings(loaded: Loaded, method, options, W, classnames, **data) -> dict:
+    """What must agree for an evaluation to resume: model, method and options, classifier, and the `data` keys."""
+    return {"model": loaded.name, "pretrained": loaded.pretrained, "fingerprint": loaded.fingerprint,
+            "method": method, "options": options,
+            "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(), "classes": list(classnames),
+            **data}
+
+
+def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *, classes=None, templates=None,
+                          classifier=None, target: str = "predicted", samples: int = 8,
+                          method: str = "decomposition", options: Optional[dict] = None, batch_size: int = 16,
+                          device=None, overwrite: bool = False, quiet: bool = True,
+                          notify: Notify = log.info) -> dict:
+    """Zero-shot segmentation with an explainer's maps (DESIGN.md section 6).
+
+    `data` is gtsegs_ijcv.mat (ImageNet-segmentation) or a folder with images/ and masks/ (same relative paths).
+    The map of the chosen class (the predicted one, or with ``target="true"`` the class sub-folder's; decomposition:
+    minus the mean over classes) is clipped at 0, min-max normalised and thresholded at its mean. Returns and writes
+    segmentation.json (pixel_accuracy, miou, map, ...), per_image.csv and sample overlays. Per-image rows are saved
+    after every batch (segment_progress.json): rerunning resumes; a folder with other settings is refused.
+    """
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from . import segmentation as seg
+    from .decomposition import project
+    from .heatmaps import patch_maps
+    from .visualize import overlay, upsample
+
+    if target not in ("predicted", "true"):
+        raise BadInputError(f"target must be 'predicted' or 'true'; got {target!r}")
+    options = dict(options or {})
+    loaded = resolve_model(model, pretrained, device)
+    dev = engine.model_device(loaded.model)
+    W, classnames = zero_shot_classifier(loaded, classes, templates, classifier)
+    T = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))
+    grid = engine.read_tower(loaded.model).grid_size
+    is_mat = Path(data).is_file()
+    if target == "true" and is_mat:
+        raise BadInputError("target='true' (--target true) needs class sub-folders (folder data); the .mat file has "
+                            "no labels")
+    if is_mat:
+        data_id = f"{Path(data).resolve()} ({Path(data).stat().st_size} bytes, {seg.mat_entries(data)} entries)"
+    else:
+        listed = seg.folder_images(data)
+        data_id = hashlib.sha256("\n".join(str(q.relative_to(Path(data))) for q in listed).encode()).hexdigest()
+    settings = _eval_settings(loaded, method, options, W, classnames, data=data_id, target=target)
+    run = RunFolder(output, "segment-eval", settings, overwrite=overwrite, progress_name="segment_progress.json") \
+        if output is not None else None
+    out = Path(output) if output is not None else None
+    with run if run is not None else _nothing():
+        fresh = dict(next_entry=0, rows=[], failures=[], samples=0)
+        progress = run.load_progress(fresh) if run is not None else dict(settings, **fresh)
+        rows, failures = progress["rows"], progress["failures"]
+        consumed = progress["next_entry"]
+        if consumed:
+            notify(f"resuming after {consumed} entries ({len(rows)} images scored)")
+        entries = seg.iter_mat(data, start=consumed) if is_mat else seg.iter_folder(data, start=consumed)
+        to_mask = seg.mask_transform(loaded.preprocess)
+        pending = []
+
+        def save():
+            progress["next_entry"] = consumed
+            if run is not None:
+                run.save_progress(progress)
+
+        def flush():
+            x = torch.stack([loaded.preprocess(im) for _, im, _ in pending]).to(dev)
+            if method == "decomposition" and not options:
+                p = project(loaded.model, x, T)  # one forward gives the maps and the zero-shot logits
+                rel = patch_maps(p, grid, relative=False)  # [b, C, g, g]
+                logits = p.total()  # (e / ||e||) @ W
+            else:
+                e = engine.library_image_embedding(loaded.model, x).detach()
+                logits = torch.nn.functional.normalize(e, dim=-1) @ T.t().to(x.dtype)
+            chosen = []
+            for k, (name, im, mask) in enumerate(pending):
+                if target == "true":
+                    cls = name.split("/")[0]
+                    if cls not in classnames:
+                        failures.append({"item": name, "error": f"class folder {cls!r} is not in the classes"})
+                        continue
+                    chosen.append((k, classnames.index(cls)))
+                else:
+                    chosen.append((k, int(logits[k].argmax())))
+            if not chosen:
+                pending.clear()
+                save()
+                return
+            if method == "decomposition" and not options:
+                class_maps = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c in chosen])
+            else:
+                picked = [k for k, _ in chosen]
+                try:
+                    class_maps = explain_eval.target_maps(loaded.model, x[picked], T, [c for _, c in chosen], method,
+                                                          **options)
+                except TypeError as exc:
+                    raise BadInputError(f"method {method!r}: {exc}") from exc
+            for (k, c), m in zip(chosen, class_maps):
+                name, im, mask = pending[k]
+                up = upsample(m.cpu(), x.shape[-2:]).numpy()
+                rows.append({"item": name, "index": len(rows),
+                             **metrics.segmentation_row(metrics.normalise_map(up), mask)})
+                if out is not None and progress["samples"] < samples:
+                    shown = im.resize((x.shape[-1], x.shape[-2]))
+                    overlay(shown, m.cpu().numpy()).save(out / f"sample_{progress['samples']:02d}.png")
+                    progress["samples"] += 1
+            pending.clear()
+            save()  # a batch's rows are saved whole or not at all
+
+        for name, im, mask, err in tqdm(entries, disable=quiet, desc="segmentation", unit="img"):
+            consumed += 1
+            if err is not None:
+                failures.append({"item": str(name), "error": err})
+                continue
+            aligned = seg.mask_array(to_mask(Image.fromarray(mask.astype(np.uint8) * 255)))
+            pending.append((str(name), im, aligned))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+        save()
+        if not rows:
+            raise BadInputError(f"no usable entries in {data} ({len(failures)} failed)")
+        res = metrics.aggregate_segmentation(rows)
+        res["failures"] = failures
+        if out is not None:
+            with open(out / "per_image.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            (out / "segmentation.json").write_text(json.dumps(res, indent=1))
+            run.write_run_json(dict(data=str(data), model=loaded.name, pretrained=loaded.pretrained, target=target,
+                                    method=method, options=options), model_fingerprint=loaded.fingerprint)
+    return res
+
+
+def evaluate_perturbation(images, output=None, model="shapes", pretrained=None, *, classes=None, templates=None,
+                          classifier=None, method: str = "decomposition", options: Optional[dict] = None,
+                          limit: Optional[int] = None, batch_size: int = 32, device=None, overwrite: bool = False,
+                          quiet: bool = True, notify: Notify = log.info) -> dict:
+    """Positive and negative perturbation (Chefer et al. 2021): remove the most (positive) or least (negative)
+    relevant patches for the predicted class, 10% .. 90% in steps of 10%, and measure zero-shot accuracy at each step
+    (against the class sub-folder when the images have one, else against the unperturbed prediction). A removed
+    patch is set to 0 in the normalised image (the preprocessing mean colour), the same for every method.
+
+    Returns and writes perturbation.json (positive_auc, negative_auc, steps), perturbation.csv and
+    perturbation.png. The counts so far are saved after every batch (perturbation_progress.json): rerunning resumes.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .datasets import ImageDataset, ImageList, collate_with_failures
+    from .visualize import perturbation_plot
+
+    FRACTIONS = explain_eval.FRACTIONS
+    options = dict(options or {})
+    loaded = resolve_model(model, pretrained, device)
+    dev = engine.model_device(loaded.model)
+    W, classnames = zero_shot_classifier(loaded, classes, templates, classifier)
+    Wt = torch.from_numpy(W).to(dev)
+    items = images if isinstance(images, ImageList) else ImageList.from_path(images)
+    if limit:
+        items = items.subset(0, min(limit, len(items)))
+    # the label of an image: its class folder's name among the classes; without folders, the clean prediction
+    has_labels = all(lab >= 0 for lab in items.labels) and bool(items.classes)
+    if has_labels:
+        missing = sorted(set(items.classes) - set(classnames))
+        if missing:
+            raise BadInputError(f"class folders not in the classifier's classes: {missing[:5]}")
+    settings = _eval_settings(loaded, method, options, W, classnames, images_digest=items.digest,
+                              n_images=len(items), target="class folder" if has_labels else "unperturbed prediction")
+    run = RunFolder(output, "perturb-eval", settings, overwrite=overwrite,
+                    progress_name="perturbation_progress.json") if output is not None else None
+    with run if run is not None else _nothing():
+        fresh = dict(next_index=0, n=0, failures=[], counts={k: [0] * len(FRACTIONS) for k in ("positive",
+                                                                                                 "negative")})
+        progress = run.load_progress(fresh) if run is not None else dict(settings, **fresh)
+        counts = {k: np.asarray(progress["counts"][k], np.int64) for k in ("positive", "negative")}
+        n, failures, start = progress["n"], progress["failures"], progress["next_index"]
+        if start:
+            notify(f"resuming at image {start} of {len(items)} ({n} done)" if start < len(items) else
+                   f"all {len(items)} images were done before; writing the results again")
+        loader = torch.utils.data.DataLoader(ImageDataset(items, loaded.preprocess, indices=range(start, len(items))),
+                                             batch_size=batch_size, collate_fn=collate_with_failures)
+        for idx, x, bad, _ in tqdm(loader, disable=quiet, desc=f"perturbation ({method})", unit="batch"):
+            failures += [{"item": items.paths[i], "error": e} for i, e in bad]
+            progress["next_index"] = max(list(idx) + [i for i, _ in bad]) + 1
+            if x is None:
+                if run is not None:
+                    run.save_progress(progress)
+                continue
+            x = x.to(dev)
+            with torch.no_grad():
+                e = engine.library_image_embedding(loaded.model, x)
+                pred = (torch.nn.functional.normalize(e, dim=-1) @ Wt).argmax(dim=1)
+            labels = torch.tensor([classnames.index(items.classes[items.labels[i]]) for i in idx]) if has_labels \
+                else pred.cpu()
+            try:
+                maps = explain_eval.target_maps(loaded.model, x, Wt.t(), pred.tolist(), method, **options)
+            except TypeError as exc:
+                raise BadInputError(f"method {method!r}: {exc}") from exc
+            c = explain_eval.perturbation_counts(loaded.model, x, maps, Wt, labels, FRACTIONS)
+            for k in counts:
+                counts[k] += c[k]
+            n += x.shape[0]
+            progress.update(n=n, failures=failures, counts={k: v.tolist() for k, v in counts.items()})
+            if run is not None:
+                run.save_progress(progress)  # a batch's counts are saved whole or not
+        if n == 0:
+            raise BadInputError(f"no readable images in {images} ({len(failures)} failed)")
+        acc = {k: 100.0 * v / n for k, v in counts.items()}
+        steps = [{"fraction": f, "positive_accuracy": float(acc["positive"][i]),
+                  "negative_accuracy": float(acc["negative"][i])} for i, f in enumerate(FRACTIONS)]
+        result = {"method": method, "options": options, "n_images": n, "target": settings["target"],
+                  "positive_auc": explain_eval.area_under(FRACTIONS, acc["positive"]),
+                  "negative_auc": explain_eval.area_under(FRACTIONS, acc["negative"]),
+                  "steps": steps, "removal": "patches set to 0 in the normalised image (preprocessing mean colour)",
+                  "failures": failures}
+        if run is not None:
+            out = Path(output)
+            (out / "perturbation.json").write_text(json.dumps(result, indent=1))
+            with open(out / "perturbation.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(steps[0]))
+                w.writeheader()
+                w.writerows(steps)
+            perturbation_plot(out / "perturbation.png", FRACTIONS, acc, method)
+            run.write_run_json(dict(images=str(images), model=loaded.name, pretrained=loaded.pretrained,
+                                    method=method, options=options, limit=limit), model_fingerprint=loaded.fingerprint)
+    return result
+
+
+__all__ = ["Comparison", "HeatmapResult", "compare_methods", "draw_heatmaps", "evaluate_perturbation",
+           "evaluate_segmentation"]
