@@ -47,8 +47,7 @@ def test_cli_is_thin():
 def test_every_command_has_quiet_and_models_mean_the_same_device():
     for name, cmd in main.commands.items():
         opts = {o.name: o for o in cmd.params}
-        if name not in ("info", "shapes-world", "shapes-waterbirds", "eval-shapes"):
-            assert "quiet" in opts, name
+        assert "quiet" in opts, name
         if "device" in opts:
             assert "cuda when available" in opts["device"].help, name
 

@@ -8,7 +8,7 @@ Python API (see the README):
     maps = textspan.explain(model, images, text_embeddings, method="legrad")   # [b, P, grid_h, grid_w]
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from .errors import (  # noqa: E402
     BadInputError,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .datasets import ImageDataset, ImageList, collate_with_failures
 from .decomposition import decompose
 from .errors import BadInputError, CacheMismatchError, FolderBusyError, InputNotFoundError

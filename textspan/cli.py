@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import TextspanError
 
 log = logging.getLogger("textspan")
@@ -152,12 +152,12 @@ def decompose_cmd(images, model_name, pretrained, device, output, top, overwrite
 @main.command()
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON.")
-def info(model_name, pretrained, device, as_json):
+@_quiet
+def info(model_name, pretrained, device, as_json, quiet):
     """Layers, heads, widths and tokens of a model's image tower."""
     from .jobs import default_device
     from .models import load_model, model_info
 
-    _setup_logging(True)
     model, _, _ = load_model(model_name, pretrained, device=device or default_device())
     facts = {"model": model_name, "pretrained": pretrained, **model_info(model).as_dict()}
     width = max(len(k) for k in facts)
@@ -170,9 +170,8 @@ def info(model_name, pretrained, device, as_json):
 @click.option("--objects", type=click.Choice(["1", "2"]), default="1", show_default=True)
 @click.option("--spurious", type=click.Choice(["train", "val", "test"]), default=None,
               help="the Waterbirds-like world: label correlated 95% with background (train/val), balanced (test).")
-@_OUTPUT
-@_OVERWRITE
-def shapes_world(n, seed, objects, spurious, output, overwrite):
+@_run_options
+def shapes_world(n, seed, objects, spurious, output, overwrite, quiet):
     """Write shapes-world images (ImageFolder layout by shape), masks and metadata.csv."""
     from .jobs import write_shapes_world
 
@@ -185,9 +184,8 @@ def shapes_world(n, seed, objects, spurious, output, overwrite):
 @click.option("--n-val", default=1000, show_default=True)
 @click.option("--n-test", default=2000, show_default=True)
 @click.option("--correlation", default=0.95, show_default=True, help="label/background agreement in train and val.")
-@_OUTPUT
-@_OVERWRITE
-def shapes_waterbirds(n_train, n_val, n_test, correlation, output, overwrite):
+@_run_options
+def shapes_waterbirds(n_train, n_val, n_test, correlation, output, overwrite, quiet):
     """A Waterbirds-layout dataset from the spurious shapes world (circle 0 / square 1, land 0 / water 1)."""
     from .jobs import write_shapes_waterbirds
 
@@ -201,12 +199,12 @@ def shapes_waterbirds(n_train, n_val, n_test, correlation, output, overwrite):
 @click.option("--pretrained", default=None, help="a training checkpoint instead of the shipped weights.")
 @click.option("--n", "n", default=2000, show_default=True, type=click.IntRange(min=10))
 @click.option("--seed", default=12345, show_default=True, help="seed of the fresh evaluation images.")
-@_OUTPUT
-def eval_shapes(model_name, pretrained, n, seed, output):
+@_run_options
+def eval_shapes(model_name, pretrained, n, seed, output, overwrite, quiet):
     """Zero-shot accuracy of a built-in model per attribute on N fresh images -> accuracy.json."""
     from .jobs import evaluate_shapes
 
-    acc = evaluate_shapes(output, model_name, pretrained, n=n, seed=seed)
+    acc = evaluate_shapes(output, model_name, pretrained, n=n, seed=seed, overwrite=overwrite)
     for k, v in acc.items():
         click.echo(f"{k:<12} {v if isinstance(v, dict) else f'{100 * v:.1f}%'}")
 

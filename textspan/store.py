@@ -76,7 +76,7 @@ def versions() -> dict:
     import open_clip
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {"textspan": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}

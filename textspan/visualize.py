@@ -65,10 +65,10 @@ def head_heatmap(values, path, title: str = ""):
     L, H = values.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * H + 2), max(3, 0.3 * L + 1.5)))
     im = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xlabel("head")
+    ax.set_xlabel("head (L{layer}H{head})")
     ax.set_ylabel("layer")
-    ax.set_xticks(range(H))
-    ax.set_yticks(range(L))
+    ax.set_xticks(range(H), [f"H{h}" for h in range(H)], fontsize=7)
+    ax.set_yticks(range(L), [f"L{l}" for l in range(L)], fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
