@@ -37,6 +37,8 @@ def test_wheel_holds_the_banks(tmp_path):
     for bank in ("general", "shapes", "templates", "shapes_templates"):
         assert f"textspan/banks/{bank}.txt" in names, bank
     assert "textspan/data/shapes_clip.safetensors" in names
+    for asset in ("atlas.css", "atlas.js"):
+        assert f"textspan/atlas_assets/{asset}" in names, asset
     # installed from the wheel alone (no repository beside it), the banks load by name
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:

@@ -62,6 +62,7 @@ from .image_jobs import (  # noqa: E402
     evaluate_segmentation,
 )
 from .datasets import read_image  # noqa: E402
+from .atlas import AtlasResult, build_atlas  # noqa: E402
 from .models import (  # noqa: E402
     ModelInfo,
     check_decomposable,
@@ -83,5 +84,5 @@ __all__ = [
     "ablate_cache", "cache_images", "debias_cache", "decompose_images", "encode_bank", "evaluate_shapes",
     "label_cache", "measure_completeness", "retrieve_images", "write_shapes_waterbirds", "write_shapes_world",
     "Comparison", "HeatmapResult", "compare_methods", "draw_heatmaps", "evaluate_perturbation",
-    "evaluate_segmentation",
+    "evaluate_segmentation", "AtlasResult", "build_atlas",
 ]

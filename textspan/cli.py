@@ -3,91 +3,13 @@ library function (`textspan.jobs`, `textspan.image_jobs`) and prints; the work, 
 refusals, locks, run.json) live in the library. A `TextspanError` becomes a one-line message, never a traceback."""
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import sys
 
 import click
 
 from ._version import __version__
-from .errors import TextspanError
-
-log = logging.getLogger("textspan")
-
-
-class _Group(click.Group):
-    """Turns every `TextspanError` (a user's mistake, named) into a message and exit status 1."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except TextspanError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-
-def _setup_logging(quiet: bool) -> None:
-    """Log textspan's messages to this invocation's stderr (click's test runner swaps sys.stderr per call)."""
-    root = logging.getLogger("textspan")
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    root.handlers = [h for h in root.handlers if not getattr(h, "_textspan", False)]
-    handler = logging.StreamHandler(sys.stderr)
-    handler._textspan = True
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-
-
-def _notify(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def _options(*decorators):
-    return lambda f: functools.reduce(lambda g, d: d(g), reversed(decorators), f)
-
-
-def _quiet(f):
-    @click.option("--quiet", is_flag=True, help="no progress bars; warnings only.")
-    @functools.wraps(f)
-    def wrapper(*args, quiet, **kwargs):
-        _setup_logging(quiet)
-        return f(*args, quiet=quiet, **kwargs)
-    return wrapper
-
-
-_DEVICE = click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
-_OUTPUT = click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="output folder.")
-_OVERWRITE = click.option("--overwrite", is_flag=True, help="start afresh over a run made with other settings.")
-model_options = _options(
-    click.option("--model", "model_name", default="shapes", show_default=True,
-                 help="open_clip model name (ViT-B-16, ...), 'hf-hub:...', 'local-dir:...', or the built-in 'shapes'."),
-    click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. laion2b_s34b_b88k) or a local "
-                                                    "checkpoint file; omit for random weights (or the built-in's)."),
-    _DEVICE)
-cache_model_options = _options(
-    click.option("--model", "model_name", default=None,
-                 help="model for the text tower (default: the one recorded in the cache's manifest)."),
-    click.option("--pretrained", default=None, help="its pretrained tag or checkpoint (default: the cache's)."),
-    _DEVICE)
-classifier_options = _options(
-    click.option("--classifier", default=None, type=click.Path(exists=True, dir_okay=False),
-                 help="a [d_embed, classes] .npy zero-shot classifier (else built from --classes/--templates)."),
-    click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
-                 help="class names, one per line, in label order (default: the cache's classes)."),
-    click.option("--templates", default=None, type=click.Path(exists=True, dir_okay=False),
-                 help="prompt templates with '{}' (default: the built-in templates, the shapes-world ones for the "
-                      "built-in models)."))
-reference_options = _options(
-    click.option("--reference", default=None, type=click.Path(exists=True, file_okay=False),
-                 help="cache whose means replace ablated terms (default: a seeded half of the cache)."),
-    click.option("--same-set", is_flag=True, help="take the means over the evaluation set itself (published "
-                                                  "protocol)."),
-    click.option("--seed", default=0, show_default=True, help="seed of the reference split and random head sets."))
-_run_options = _options(_OUTPUT, _OVERWRITE, _quiet)
-method_options = _options(
-    click.option("--method", default="decomposition", show_default=True,
-                 help="the explainer whose maps are evaluated (textspan.list_methods())."),
-    click.option("--option", "method_option", multiple=True, metavar="KEY=VALUE",
-                 help="an option of the method (repeatable), e.g. layers=all, single_head=true, heads=L3H1."))
+from .cli_options import (OUTPUT, OVERWRITE, Group, cache_model_options, classifier_options, method_options,
+                          model_options, notify, options, quiet_option, reference_options, run_options)
 
 
 def _method_options(method: str, items) -> dict:
@@ -97,7 +19,7 @@ def _method_options(method: str, items) -> dict:
     return parse_options(items)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="textspan")
 def main():
     """textspan: explain what the attention heads of CLIP vision transformers do, in words."""
@@ -107,13 +29,13 @@ def main():
 @click.argument("images", type=click.Path(exists=True))
 @model_options
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@_OUTPUT
+@OUTPUT
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader worker processes for decoding images.")
-@_OVERWRITE
+@OVERWRITE
 @click.option("--split", default=None, help="Waterbirds-layout folders only: train, val, test (or 0, 1, 2).")
-@_quiet
+@quiet_option
 def cache(images, model_name, pretrained, device, batch_size, output, dtype, num_workers, overwrite, split, quiet):
     """Decompose every image in IMAGES (a folder or a list file) into a cache folder (resumable; sharded under
     torchrun)."""
@@ -133,16 +55,16 @@ def cache(images, model_name, pretrained, device, batch_size, output, dtype, num
 @main.command("decompose")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @model_options
-@_OUTPUT
+@OUTPUT
 @click.option("--top", default=5, show_default=True, help="layers and heads listed as top contributors.")
-@_OVERWRITE
-@_quiet
+@OVERWRITE
+@quiet_option
 def decompose_cmd(images, model_name, pretrained, device, output, top, overwrite, quiet):
     """Spatially decompose each IMAGE -> NAME_heads.npy, NAME_mlps.npy and summary.json."""
     from .jobs import decompose_images
 
     res = decompose_images(images, output, model_name, pretrained, device=device, top=top, overwrite=overwrite,
-                           notify=_notify)
+                           notify=notify)
     for s in res.images:
         if "error" not in s and not quiet:
             click.echo(f"{s['path']}: identity error {s['identity_error']:.2e}; top layers "
@@ -152,7 +74,7 @@ def decompose_cmd(images, model_name, pretrained, device, output, top, overwrite
 @main.command()
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON.")
-@_quiet
+@quiet_option
 def info(model_name, pretrained, device, as_json, quiet):
     """Layers, heads, widths and tokens of a model's image tower."""
     from .jobs import default_device
@@ -170,7 +92,7 @@ def info(model_name, pretrained, device, as_json, quiet):
 @click.option("--objects", type=click.Choice(["1", "2"]), default="1", show_default=True)
 @click.option("--spurious", type=click.Choice(["train", "val", "test"]), default=None,
               help="the Waterbirds-like world: label correlated 95% with background (train/val), balanced (test).")
-@_run_options
+@run_options
 def shapes_world(n, seed, objects, spurious, output, overwrite, quiet):
     """Write shapes-world images (ImageFolder layout by shape), masks and metadata.csv."""
     from .jobs import write_shapes_world
@@ -184,7 +106,7 @@ def shapes_world(n, seed, objects, spurious, output, overwrite, quiet):
 @click.option("--n-val", default=1000, show_default=True)
 @click.option("--n-test", default=2000, show_default=True)
 @click.option("--correlation", default=0.95, show_default=True, help="label/background agreement in train and val.")
-@_run_options
+@run_options
 def shapes_waterbirds(n_train, n_val, n_test, correlation, output, overwrite, quiet):
     """A Waterbirds-layout dataset from the spurious shapes world (circle 0 / square 1, land 0 / water 1)."""
     from .jobs import write_shapes_waterbirds
@@ -199,7 +121,7 @@ def shapes_waterbirds(n_train, n_val, n_test, correlation, output, overwrite, qu
 @click.option("--pretrained", default=None, help="a training checkpoint instead of the shipped weights.")
 @click.option("--n", "n", default=2000, show_default=True, type=click.IntRange(min=10))
 @click.option("--seed", default=12345, show_default=True, help="seed of the fresh evaluation images.")
-@_run_options
+@run_options
 def eval_shapes(model_name, pretrained, n, seed, output, overwrite, quiet):
     """Zero-shot accuracy of a built-in model per attribute on N fresh images -> accuracy.json."""
     from .jobs import evaluate_shapes
@@ -215,7 +137,7 @@ def eval_shapes(model_name, pretrained, n, seed, output, overwrite, quiet):
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="FILE.npy (FILE.json records the model fingerprint and the bank; FILE.run.json the run).")
 @click.option("--batch-size", default=256, show_default=True)
-@_quiet
+@quiet_option
 def encode_texts_cmd(bank, model_name, pretrained, device, output, batch_size, quiet):
     """Encode a text bank (a file, one entry per line, or a built-in bank name) with the model's text tower."""
     from .jobs import encode_bank
@@ -225,7 +147,7 @@ def encode_texts_cmd(bank, model_name, pretrained, device, output, batch_size, q
 
 
 _CACHE = click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
-_BANK = _options(click.option("--bank", default=None, help="text bank file or built-in name (general, shapes)."),
+_BANK = options(click.option("--bank", default=None, help="text bank file or built-in name (general, shapes)."),
                  click.option("--text-embeddings", default=None, type=click.Path(exists=True, dir_okay=False),
                               help="precomputed embeddings from `encode-texts` (checked against the cache's model)."))
 
@@ -237,7 +159,7 @@ _BANK = _options(click.option("--bank", default=None, help="text bank file or bu
 @click.option("--layers", default="-4:", show_default=True, help="layers to label: '-4:', '0,5,-1', 'all'.")
 @click.option("--rank", default=80, show_default=True, type=click.IntRange(min=1))
 @cache_model_options
-@_run_options
+@run_options
 def label_heads_cmd(cache_dir, bank, text_embeddings, n_texts, layers, rank, model_name, pretrained, device, output,
                     overwrite, quiet):
     """Label every head of the chosen layers with TextSpan -> heads.csv, heads.json, heads.md."""
@@ -260,7 +182,7 @@ def label_heads_cmd(cache_dir, bank, text_embeddings, n_texts, layers, rank, mod
 @click.option("--rank", default=80, show_default=True)
 @reference_options
 @cache_model_options
-@_run_options
+@run_options
 def completeness(cache_dir, bank, text_embeddings, classifier, classes, templates, n_texts, layers, rank, reference,
                  same_set, seed, model_name, pretrained, device, output, overwrite, quiet):
     """Accuracy with the heads replaced by their TextSpan reconstructions -> completeness.csv/.json/.png."""
@@ -285,13 +207,13 @@ def completeness(cache_dir, bank, text_embeddings, classifier, classes, template
 @click.option("--top", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--bottom", is_flag=True, help="rank by least similar instead.")
 @cache_model_options
-@_run_options
+@run_options
 def retrieve(cache_dir, head_name, query, top, bottom, model_name, pretrained, device, output, overwrite, quiet):
     """Rank the cache's images by the similarity of one head's contribution to a text -> retrieval.csv/.png."""
     from .jobs import retrieve_images
 
     r = retrieve_images(cache_dir, head_name, query, output, top=top, bottom=bottom, model=model_name,
-                        pretrained=pretrained, device=device, overwrite=overwrite, notify=_notify)
+                        pretrained=pretrained, device=device, overwrite=overwrite, notify=notify)
     click.echo(f"top {len(r.rows)} images for {r.head} / {query!r} -> {output}/retrieval.png")
 
 
@@ -302,7 +224,7 @@ def retrieve(cache_dir, head_name, query, top, bottom, model_name, pretrained, d
 @click.option("--heads", default=None, help="a head set to compare with random sets: L3H1,L2H0,...")
 @click.option("--draws", default=5, show_default=True, help="random head sets drawn for the comparison.")
 @cache_model_options
-@_run_options
+@run_options
 def ablate(cache_dir, classifier, classes, templates, reference, same_set, seed, heads, draws, model_name, pretrained,
            device, output, overwrite, quiet):
     """Mean-ablation experiments on a cache -> ablations.json, single_heads.csv, accumulated.csv and two plots."""
@@ -335,7 +257,7 @@ def ablate(cache_dir, classifier, classes, templates, reference, same_set, seed,
 @click.option("--with-generic", is_flag=True, help="the saved classifier also applies the generic ablation.")
 @click.option("--draws", default=5, show_default=True, help="random head sets of the same size.")
 @cache_model_options
-@_run_options
+@run_options
 def debias(cache_dir, classifier, classes, templates, reference, same_set, seed, label_column, group_column,
            spurious_column, select, heads, concept, n_heads, threshold, keep_last, with_generic, draws, model_name,
            pretrained, device, output, overwrite, quiet):
@@ -370,7 +292,7 @@ _PROMPTS = click.option("--prompts", "-p", multiple=True, help="a prompt (repeat
 @click.option("--top", default=3, show_default=True, help="with --labels: texts per head.")
 @click.option("--panel-scale", is_flag=True, help="grid figures: each panel on its own colour scale.")
 @click.option("--head-grid", is_flag=True, help="also one grid per prompt of images x heads: head_grid_NN.png.")
-@_run_options
+@run_options
 def heatmap(images, model_name, pretrained, device, prompts, heads, layers, absolute, labels, top, panel_scale,
             head_grid, output, overwrite, quiet):
     """Per-prompt (and per-head) maps from the decomposition -> overlays, maps.npy, grid figures."""
@@ -391,7 +313,7 @@ def heatmap(images, model_name, pretrained, device, prompts, heads, layers, abso
 @click.option("--samples", default=8, show_default=True, help="overlays saved as examples.")
 @method_options
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@_run_options
+@run_options
 def segment_eval(data, model_name, pretrained, device, classifier, classes, templates, target, samples, method,
                  method_option, batch_size, output, overwrite, quiet):
     """Zero-shot segmentation of DATA (gtsegs_ijcv.mat, or images/ and masks/) with an explainer's maps."""
@@ -400,7 +322,7 @@ def segment_eval(data, model_name, pretrained, device, classifier, classes, temp
     res = evaluate_segmentation(data, output, model_name, pretrained, classes=classes, templates=templates,
                                 classifier=classifier, target=target, samples=samples, method=method,
                                 options=_method_options(method, method_option), batch_size=batch_size, device=device,
-                                overwrite=overwrite, quiet=quiet, notify=_notify)
+                                overwrite=overwrite, quiet=quiet, notify=notify)
     click.echo(f"pixel accuracy {res['pixel_accuracy']:.2f}%  mIoU {res['miou']:.2f}%  mAP {res['map']:.2f}%  "
                f"({res['n_images']} images, {len(res['failures'])} failed)")
 
@@ -412,7 +334,7 @@ def segment_eval(data, model_name, pretrained, device, classifier, classes, temp
 @method_options
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="use the first N images only.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@_run_options
+@run_options
 def perturb_eval(images, model_name, pretrained, device, classifier, classes, templates, method, method_option,
                  limit, batch_size, output, overwrite, quiet):
     """Positive/negative perturbation test of an explainer -> perturbation.json/.csv/.png (resumable)."""
@@ -421,7 +343,7 @@ def perturb_eval(images, model_name, pretrained, device, classifier, classes, te
     r = evaluate_perturbation(images, output, model_name, pretrained, classes=classes, templates=templates,
                               classifier=classifier, method=method, options=_method_options(method, method_option),
                               limit=limit, batch_size=batch_size, device=device, overwrite=overwrite, quiet=quiet,
-                              notify=_notify)
+                              notify=notify)
     click.echo(f"{method}: positive AUC {r['positive_auc']:.2f} (lower is better), negative AUC "
                f"{r['negative_auc']:.2f} (higher is better); {r['n_images']} images, {len(r['failures'])} failed")
 
@@ -432,7 +354,7 @@ def perturb_eval(images, model_name, pretrained, device, classifier, classes, te
               show_default=True, help="comma-separated explainers (textspan.list_methods()).")
 @click.option("--prompts", "-p", multiple=True, required=True, help="a prompt (repeat for several).")
 @model_options
-@_run_options
+@run_options
 def compare(images, methods, prompts, model_name, pretrained, device, output, overwrite, quiet):
     """Every explainer on the same images and prompts -> compare.png, maps_<method>.npy, times.json."""
     from .image_jobs import compare_methods
@@ -441,6 +363,26 @@ def compare(images, methods, prompts, model_name, pretrained, device, output, ov
     res = compare_methods(images, prompts, output, model_name, pretrained, methods=names, device=device,
                           overwrite=overwrite)
     click.echo("  ".join(f"{m} {res.seconds[m]:.2f}s" for m in names) + f"\nwritten to {output}")
+
+
+@main.command()
+@_CACHE
+@click.option("--labels", required=True, type=click.Path(exists=True, file_okay=False), help="label-heads output.")
+@click.option("--ablations", default=None, type=click.Path(exists=True, file_okay=False), help="ablate output.")
+@click.option("--images", "n_images", default=6, show_default=True, type=click.IntRange(min=1),
+              help="top images shown per text.")
+@click.option("--map-images", default=4, show_default=True, type=click.IntRange(min=0),
+              help="sample images for each head's maps (0: none).")
+@cache_model_options
+@run_options
+def atlas(cache_dir, labels, ablations, n_images, map_images, model_name, pretrained, device, output, overwrite, quiet):
+    """A static web site of the heads (open OUTPUT/index.html): grid, labels, top images, maps, search."""
+    from .atlas import build_atlas
+
+    r = build_atlas(cache_dir, labels, output, ablations=ablations, n_images=n_images, map_images=map_images,
+                    model=model_name, pretrained=pretrained, device=device, overwrite=overwrite, notify=notify)
+    click.echo(f"{r.n_heads} head pages, {r.n_thumbnails} thumbnails, {r.n_maps} map figures, "
+               f"{r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s -> {output}/index.html")
 
 
 if __name__ == "__main__":  # pragma: no cover

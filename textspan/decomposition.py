@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .engine import Block, Tower, read_tower
 from .errors import BadInputError

@@ -54,6 +54,17 @@ class HeatmapResult:
     maps: Optional[np.ndarray]
     per_head: Dict[str, np.ndarray]
     labelled: Dict[str, np.ndarray]
+    frames: Sequence = ()
+    names: Sequence[str] = ()
+    prompts: Sequence[str] = ()
+    relative: bool = True
+
+    def figure(self, title: str = ""):
+        """The grid of the prompts' maps (images x prompts, the original image first) as a matplotlib figure."""
+        from .visualize import overlay_grid
+
+        return overlay_grid(self.frames, self.maps, self.names, list(self.prompts), title=title or (
+            ("relative" if self.relative else "absolute") + " decomposition maps"), relative=self.relative)
 
 
 def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), model="shapes", pretrained=None, *,
@@ -89,11 +100,12 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
     pil, x = _images(loaded, images)
     names = [Path(p).stem for p in images]
     shown = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]  # the maps live on the preprocessed frame
-    result = HeatmapResult(None, {}, {})
+    result = HeatmapResult(None, {}, {}, shown, names, list(prompts), not absolute)
     run = RunFolder(output, "heatmap", overwrite=overwrite) if output is not None else None
     out = Path(output) if output is not None else None
-    from .visualize import overlay, overlay_grid
+    from .visualize import overlay_figure, overlay_grid
 
+    kind = "absolute" if absolute else "relative"
     with run if run is not None else _nothing():
         if prompts:
             T = _texts(loaded, prompts)
@@ -101,11 +113,13 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
             result.maps = maps
             if out is not None:
                 np.save(out / "maps.npy", maps)
+                where = f" (heads {heads})" if heads else f" (layers {layers})" if layers is not None else ""
                 for i, name in enumerate(names):
-                    for j, _ in enumerate(prompts):
-                        overlay(shown[i], maps[i, j]).save(out / f"{name}_{j:02d}.png")
+                    for j, prompt in enumerate(prompts):
+                        overlay_figure(shown[i], maps[i, j], f"{name}: {prompt!r}{where}, {kind}",
+                                       out / f"{name}_{j:02d}.png", relative=not absolute)
                 overlay_grid(shown, maps, names, list(prompts), out / "grid.png",
-                             title=("relative " if not absolute else "") + "decomposition maps",
+                             title=f"{kind} decomposition maps{where}", relative=not absolute,
                              shared_scale=not panel_scale)
             if head_grid:
                 per = np.stack([heatmaps(loaded.model, x, T, heads=[p], relative=not absolute).cpu().numpy()
@@ -114,8 +128,8 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
                 if out is not None:
                     for j, prompt in enumerate(prompts):
                         overlay_grid(shown, per[:, j], names, [head_name(*p) for p in pairs],
-                                     out / f"head_grid_{j:02d}.png", title=f"{prompt!r} per head",
-                                     shared_scale=not panel_scale)
+                                     out / f"head_grid_{j:02d}.png", title=f"{prompt!r}: each head alone, {kind}",
+                                     relative=not absolute, shared_scale=not panel_scale)
         if label_set is not None:
             for rec in label_set.records():
                 texts = [t["text"] for t in rec["texts"][:top]]
@@ -125,7 +139,8 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
                 if out is not None:
                     np.save(out / f"{rec['head']}.npy", m)
                     overlay_grid(shown, m, names, texts, out / f"{rec['head']}.png",
-                                 title=f"{rec['head']}: top texts", shared_scale=not panel_scale)
+                                 title=f"{rec['head']}: its top texts", relative=not absolute and len(texts) > 1,
+                                 shared_scale=not panel_scale)
         if run is not None:
             run.write_run_json(dict(images=[str(p) for p in images], model=loaded.name, pretrained=loaded.pretrained,
                                     prompts=list(prompts), heads=heads, layers=layers, absolute=absolute,
@@ -140,6 +155,20 @@ class Comparison:
 
     maps: Dict[str, np.ndarray]
     seconds: Dict[str, float]
+    frames: Sequence = ()
+    names: Sequence[str] = ()
+    prompts: Sequence[str] = ()
+
+    def figure(self):
+        """Every method's maps side by side (upsampled, min-max normalised) as a matplotlib figure."""
+        import torch
+
+        from .methods import upsample_maps
+        from .visualize import compare_grid
+
+        size = (self.frames[0].size[1], self.frames[0].size[0])
+        shown = {m: upsample_maps(torch.from_numpy(v), size).numpy() for m, v in self.maps.items()}
+        return compare_grid(None, self.frames, self.names, list(self.prompts), list(self.maps), shown, self.seconds)
 
 
 def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model="shapes", pretrained=None, *,
@@ -156,7 +185,8 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
     loaded = resolve_model(model, pretrained, device)
     pil, x = _images(loaded, images)
     T = _texts(loaded, prompts)
-    res = Comparison({}, {})
+    frames = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
+    res = Comparison({}, {}, frames, [Path(p).stem for p in images], list(prompts))
     shown = {}
     run = RunFolder(output, "compare", overwrite=overwrite) if output is not None else None
     with run if run is not None else _nothing():
@@ -173,7 +203,6 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
 
             for m in names:
                 np.save(out / f"maps_{m}.npy", res.maps[m])
-            frames = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
             compare_grid(out / "compare.png", frames, [Path(p).stem for p in images], list(prompts), names, shown,
                          res.seconds)
             (out / "times.json").write_text(json.dumps({"seconds": res.seconds, "images": len(images),
@@ -290,7 +319,8 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
                              **metrics.segmentation_row(metrics.normalise_map(up), mask)})
                 if out is not None and progress["samples"] < samples:
                     shown = im.resize((x.shape[-1], x.shape[-2]))
-                    overlay(shown, m.cpu().numpy()).save(out / f"sample_{progress['samples']:02d}.png")
+                    overlay(shown, m.cpu().numpy(), relative=method == "decomposition").save(
+                        out / f"sample_{progress['samples']:02d}.png")
                     progress["samples"] += 1
             pending.clear()
             save()  # a batch's rows are saved whole or not at all

@@ -354,8 +354,8 @@ class HeadLabels:
     """TextSpan labels of a cache's heads: {(layer, head): TextSpanResult} with where they came from.
 
     `save(folder)` writes heads.csv (one row per head and text: head, layer, head_index, rank, text,
-    variance_explained, cumulative), heads.json and heads.md; `HeadLabels.load(folder)` reads them back (texts,
-    variances, totals; the direction vectors are not stored).
+    variance_explained, cumulative), heads.json, heads.md and directions.npz (per head its picked TextSpan directions
+    "L3H1" [m, d'] and its mean term "L3H1_mean" [d']); `HeadLabels.load(folder)` reads them back.
     """
 
     results: Dict[Tuple[int, int], object]
@@ -365,6 +365,8 @@ class HeadLabels:
     model: str = ""
     n_images: int = 0
     cache: str = ""
+    fingerprint: str = ""
+    bank_digest: str = ""
 
     def __getitem__(self, head) -> object:
         key = parse_head_name(head) if isinstance(head, str) else tuple(head)
@@ -393,7 +395,15 @@ class HeadLabels:
                     for rec in records for t in rec["texts"]])
         (folder / "heads.json").write_text(json.dumps({"cache": self.cache, "bank": self.bank, "rank": self.rank,
                                                        "n_texts": self.n_texts, "model": self.model,
-                                                       "n_images": self.n_images, "heads": records}, indent=1))
+                                                       "n_images": self.n_images, "fingerprint": self.fingerprint,
+                                                       "bank_digest": self.bank_digest, "heads": records}, indent=1))
+        arrays = {}
+        for (l, h), r in self.results.items():
+            if np.asarray(r.directions).size:
+                arrays[head_name(l, h)] = np.asarray(r.directions, dtype=np.float32)
+                arrays[head_name(l, h) + "_mean"] = np.asarray(r.mean, dtype=np.float32)
+        if arrays:
+            np.savez(folder / "directions.npz", **arrays)
         lines = [f"# TextSpan labels: {self.model} ({self.n_images} images), bank {self.bank}", ""]
         for rec in records:
             top = rec["texts"]
@@ -411,6 +421,8 @@ class HeadLabels:
         path = Path(folder) / "heads.json"
         if not path.is_file():
             raise InputNotFoundError(f"{path} not found (the output of `textspan label-heads`)")
+        vectors = Path(folder) / "directions.npz"
+        arrays = dict(np.load(vectors)) if vectors.is_file() else {}
         try:
             spec = json.loads(path.read_text())
             results = {}
@@ -420,11 +432,16 @@ class HeadLabels:
                 results[parse_head_name(rec["head"])] = TextSpanResult(
                     texts=[t["text"] for t in texts], indices=[], variance_explained=var,
                     cumulative=np.array([t["cumulative"] for t in texts], dtype=np.float64),
-                    directions=np.zeros((0, 0)), mean=np.zeros(0), total_variance=float(rec.get("total_variance", 0)))
+                    directions=arrays.get(rec["head"], np.zeros((0, 0))),
+                    mean=arrays.get(rec["head"] + "_mean", np.zeros(0)),
+                    total_variance=float(rec.get("total_variance", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInputError(f"{path}: not a textspan label file ({type(exc).__name__}: {exc})") from exc
-        return cls(results, spec.get("bank", ""), spec.get("rank", 0), spec.get("n_texts", 0), spec.get("model", ""),
-                   spec.get("n_images", 0), spec.get("cache", ""))
+        labels = cls(results, spec.get("bank", ""), spec.get("rank", 0), spec.get("n_texts", 0),
+                     spec.get("model", ""), spec.get("n_images", 0), spec.get("cache", ""),
+                     spec.get("fingerprint", ""), spec.get("bank_digest", ""))
+        labels.folder = Path(folder)
+        return labels
 
 
 def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts: int = 20, layers="-4:",
@@ -457,7 +474,8 @@ def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts:
     run = _cache_run(output, "label-heads", overwrite, c) if output is not None else None
     with run if run is not None else _nothing():
         results = label_heads(c.heads, emb, tb.texts, chosen, n_texts=n_texts, rank=rank, progress=not quiet)
-        labels = HeadLabels(results, tb.source, rank, n_texts, c.manifest["model"], len(c), str(c.folder))
+        labels = HeadLabels(results, tb.source, rank, n_texts, c.manifest["model"], len(c), str(c.folder), fp,
+                            tb.digest)
         if run is not None:
             labels.save(output)
             run.write_run_json(dict(cache=str(c.folder), bank=None if bank is None else str(bank),
@@ -586,6 +604,14 @@ class AblationResult:
     results: dict
     single_heads: np.ndarray
 
+    def figure(self):
+        """The signed head-importance figure (accuracy change per head when mean-ablated)."""
+        from .visualize import head_heatmap
+
+        return head_heatmap(self.single_heads - self.results["baseline"],
+                            title="accuracy change when the head is mean-ablated (pts; negative: the head matters)",
+                            label="accuracy change (pts)")
+
 
 def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier=None, reference=None,
                  same_set: bool = False, heads=None, draws: int = 5, seed: int = 0, model=None, pretrained=None,
@@ -626,9 +652,11 @@ def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier
 
             line_plot(list(range(-1, len(res["accumulated"]) - 1)), res["accumulated"], out / "accumulated.png",
                       xlabel="attention of layers 0..l mean-ablated (l = -1: none)",
-                      ylabel="zero-shot accuracy (%)", hline=res["baseline"])
-            head_heatmap(res["baseline"] - single, out / "head_importance.png",
-                         title="accuracy drop when mean-ablated (pts)")
+                      ylabel="zero-shot accuracy (%)", hline=res["baseline"], hline_label="baseline (nothing ablated)",
+                      label="layers 0..l ablated", title="accumulated layer ablation")
+            head_heatmap(single - res["baseline"], out / "head_importance.png",
+                         title="accuracy change when the head is mean-ablated\n(pts; negative: the head matters)",
+                         label="accuracy change (pts)")
             run.write_run_json(dict(cache=str(c.folder), reference=None if reference is None else str(reference),
                                     same_set=same_set, heads=heads if isinstance(heads, (str, type(None))) else
                                     [head_name(*p) for p in chosen], draws=draws, seed=seed),

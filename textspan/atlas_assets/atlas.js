@@ -1,0 +1,69 @@
+/* textspan head atlas: recolour the overview by a measure and search the heads' labels, all in the page. */
+(function () {
+  "use strict";
+  var A = window.ATLAS;
+  if (!A) { return; }
+  // perceptual colour maps as a few stops (viridis for sequential measures, a blue-white-red diverging one)
+  var SEQ = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  var DIV = [[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]];
+  function lerp(stops, t) {
+    t = Math.max(0, Math.min(1, t));
+    var x = t * (stops.length - 1), i = Math.min(Math.floor(x), stops.length - 2), f = x - i;
+    var a = stops[i], b = stops[i + 1];
+    return "rgb(" + [0, 1, 2].map(function (k) { return Math.round(a[k] + f * (b[k] - a[k])); }).join(",") + ")";
+  }
+  function ink(stops, t) {  // dark text on light cells
+    var c = lerp(stops, t).match(/\d+/g).map(Number);
+    return (0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]) > 140 ? "#111" : "#fff";
+  }
+  function paint(name) {
+    var m = A.measures[name];
+    if (!m) { return; }
+    var stops = m.diverging ? DIV : SEQ;
+    document.querySelectorAll("td[data-head]").forEach(function (td) {
+      var v = m.values[td.getAttribute("data-head")];
+      if (v === undefined || v === null) { td.style.background = "#eee"; td.style.color = "#999"; td.title = "no value"; return; }
+      var t = m.diverging ? 0.5 + v / (2 * (m.scale || 1)) : (v - m.min) / ((m.max - m.min) || 1);
+      td.style.background = lerp(stops, t);
+      td.style.color = ink(stops, t);
+      var extra = m.notes && m.notes[td.getAttribute("data-head")] ? " (" + m.notes[td.getAttribute("data-head")] + ")" : "";
+      td.title = td.getAttribute("data-head") + ": " + m.label + " " + v.toFixed(m.digits || 2) + extra;
+    });
+    var legend = document.getElementById("legend");
+    if (legend) {
+      var bar = legend.querySelector(".bar");
+      var cols = []; for (var i = 0; i <= 10; i++) { cols.push(lerp(stops, i / 10)); }
+      bar.style.background = "linear-gradient(to right," + cols.join(",") + ")";
+      legend.querySelector(".lo").textContent = m.diverging ? (-(m.scale || 1)).toFixed(m.digits || 2) : m.min.toFixed(m.digits || 2);
+      legend.querySelector(".hi").textContent = m.diverging ? (m.scale || 1).toFixed(m.digits || 2) : m.max.toFixed(m.digits || 2);
+      legend.querySelector(".what").textContent = m.label;
+    }
+  }
+  function search(query) {
+    var q = query.trim().toLowerCase(), out = document.getElementById("results");
+    out.innerHTML = "";
+    document.querySelectorAll("td[data-head]").forEach(function (td) { td.classList.remove("hit"); });
+    if (!q) { document.getElementById("count").textContent = ""; return; }
+    var hits = A.heads.filter(function (h) {
+      return (A.labels[h] || []).some(function (t) { return t.toLowerCase().indexOf(q) >= 0; });
+    });
+    hits.forEach(function (h) {
+      var li = document.createElement("li"), a = document.createElement("a");
+      a.href = "heads/" + h + ".html"; a.textContent = h;
+      li.appendChild(a);
+      var first = (A.labels[h] || []).filter(function (t) { return t.toLowerCase().indexOf(q) >= 0; })[0];
+      li.appendChild(document.createTextNode(": " + first));
+      li.setAttribute("data-head", h);
+      out.appendChild(li);
+      var td = document.querySelector('td[data-head="' + h + '"]');
+      if (td) { td.classList.add("hit"); }
+    });
+    document.getElementById("count").textContent = hits.length + " of " + A.heads.length + " heads";
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    var sel = document.getElementById("measure");
+    if (sel) { sel.addEventListener("change", function () { paint(sel.value); }); paint(sel.value); }
+    var box = document.getElementById("search");
+    if (box) { box.addEventListener("input", function () { search(box.value); }); search(box.value); }
+  });
+})();
