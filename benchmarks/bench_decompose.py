@@ -7,8 +7,11 @@ fresh process: the peak resident set (torch + the loaded model + the work and it
 is loaded (the transient peak of building the model is reset first).
 
 Goals (issue: foundation): ratio >= 0.7 non-spatial, >= 0.5 spatial; spatial peak memory <= 1.5x plain.
+SigLIP row (issue: model families): ``--model ViT-B-16-SigLIP`` (open_clip's timm trunk with attention pooling):
+non-spatial ratio >= 0.9, the spatial ratio printed.
 
     python benchmarks/bench_decompose.py [--model ViT-B-16] [--batch 8] [--repeats 5] [--device cpu]
+    python benchmarks/bench_decompose.py --model ViT-B-16-SigLIP
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def build(model_name: str, device: str):
 
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, device=device).eval()
-    size = model.visual.image_size
+    size = tuple(model.visual.image_size)
     images = torch.randn(BATCH, 3, *size, device=device)
     return model, images
 

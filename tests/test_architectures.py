@@ -43,10 +43,24 @@ def test_open_clip_vit_configs(name):
     torch.testing.assert_close(d.total(), e / e.norm(dim=-1, keepdim=True), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["ViT-H-14-CLIPA", "ViT-B-16-SigLIP"])
-def test_other_kinds_are_refused(name):
-    with pytest.raises(UnsupportedModelError):
-        model_info(_shallow(name)[0] if "SigLIP" not in name else open_clip.create_model(name))
+@pytest.mark.parametrize("name,reason", [("ViT-H-14-CLIPA", "average-pooled"), ("EVA02-B-16", "EVA")])
+def test_other_kinds_are_refused(name, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        model_info(_shallow(name)[0] if "EVA" not in name else open_clip.create_model(name))
+
+
+def test_stock_siglip_config_is_read_and_decomposed():
+    """open_clip's own ViT-B-16-SigLIP (timm trunk, attention pooling; random weights): forward and identity."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-SigLIP").eval()
+    info = model_info(model)
+    assert (info.pooling, info.n_layers, info.n_heads, info.n_tokens, info.n_mlp_terms) == ("attention", 12, 12, 196, 14)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        e = model.encode_image(x)
+    torch.testing.assert_close(forward_image(model, x), e, rtol=1e-5, atol=1e-5)
+    d = decompose(model, x, spatial=False)
+    torch.testing.assert_close(d.total(), e / e.norm(dim=-1, keepdim=True), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

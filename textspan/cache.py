@@ -4,8 +4,10 @@ Layout of a cache folder (n = images that decoded; failed files take no row)::
 
     heads.npy        [n, L, H, d']   token-summed head terms
     cls_to_cls.npy   [n, L, H, d']   CLS -> CLS attention terms
-    mlps.npy         [n, L+1, d']    embedding term + one per MLP
+    mlps.npy         [n, L+1, d']    embedding term + one per MLP (+ the pooling head's own terms: L+2 rows)
     embeddings.npy   [n, d']         e / ||e||
+    pool_heads.npy   [n, G, d']      attention-pooled towers (SigLIP) only, instead of cls_to_cls: per pooling head
+                                     the published pooling-level terms (summed over tokens)
     images.csv       row, path, label, class_name
     image_list.txt   the ordered input list (path<TAB>label), for resuming
     manifest.json    model, pretrained, fingerprint, image_size, dtype, rows_done, failures, ...
@@ -49,6 +51,20 @@ log = logging.getLogger(__name__)
 
 FORMAT = "textspan-cache/1"
 ARRAYS = ("heads", "cls_to_cls", "mlps", "embeddings")
+ALL_ARRAYS = ARRAYS + ("pool_heads",)  # pool_heads: attention-pooled towers only (they have no cls_to_cls)
+
+
+def array_shapes(info) -> dict:
+    """Per-row shapes of the cache's arrays for a model (`ModelInfo`): CLS-pooled towers store the CLS->CLS terms;
+    attention-pooled ones (SigLIP) store the pooling heads' terms instead, and one more MLP-type row."""
+    shapes = {"heads": (info.n_layers, info.n_heads, info.d_embed)}
+    if info.pooling == "cls":
+        shapes["cls_to_cls"] = (info.n_layers, info.n_heads, info.d_embed)
+    shapes["mlps"] = (info.n_mlp_terms, info.d_embed)
+    shapes["embeddings"] = (info.d_embed,)
+    if info.pooling != "cls":
+        shapes["pool_heads"] = (info.n_pool_heads, info.d_embed)
+    return shapes
 DTYPES = {"float32": np.float32, "float16": np.float16}
 # Settings that must agree for a rerun to resume (anything else, e.g. batch size, may change).
 IDENTITY_KEYS = ("model", "pretrained", "fingerprint", "image_size", "dtype", "images_digest", "n_images",
@@ -176,10 +192,10 @@ def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> Optional[dict
                 f"{out} holds a cache made with other settings ({'; '.join(problems)}). Use another --output or "
                 f"--overwrite to replace it.")
         return old
-    if old is not None or any((out / f"{a}.npy").exists() for a in ARRAYS):
+    if old is not None or any((out / f"{a}.npy").exists() for a in ALL_ARRAYS):
         if not overwrite:
             raise CacheMismatchError(f"{out} holds .npy files but no manifest.json; use --overwrite to replace them")
-    for name in [f"{a}.npy" for a in ARRAYS] + ["images.csv", "image_list.txt", "manifest.json"]:
+    for name in [f"{a}.npy" for a in ALL_ARRAYS] + ["images.csv", "image_list.txt", "manifest.json"]:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "shards", ignore_errors=True)
     return None
@@ -202,9 +218,7 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
     info = model_info(model)
     manifest = _prepare_folder(out, settings, overwrite)
     np_dtype = DTYPES[settings["dtype"]]
-    shapes = {"heads": (info.n_layers, info.n_heads, info.d_embed),
-              "cls_to_cls": (info.n_layers, info.n_heads, info.d_embed),
-              "mlps": (info.n_layers + 1, info.d_embed), "embeddings": (info.d_embed,)}
+    shapes = array_shapes(info)
     if manifest is None:
         manifest = dict(settings, format=FORMAT, textspan_version=__version__, created=_now(), rows_done=0,
                         next_index=0, failures=[], complete=False, arrays={a: [None, *s] for a, s in shapes.items()})
@@ -216,7 +230,7 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
         if manifest.get("complete"):
             log.info("%s is already complete (%d rows); nothing to do", out, manifest["rows_done"])
             return CacheResult(out, manifest["rows_done"], manifest["failures"], manifest["next_index"], 0.0)
-        writers = {a: NpyRows(out / f"{a}.npy") for a in ARRAYS}
+        writers = {a: NpyRows(out / f"{a}.npy") for a in manifest["arrays"]}
         _truncate_csv(out / "images.csv", manifest["rows_done"])
         if manifest["next_index"]:
             log.info("resuming %s at image %d of %d (%d rows done)", out, manifest["next_index"], len(images),
@@ -240,8 +254,9 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
                 if batch is not None:
                     d = decompose(model, batch.to(device), spatial=False)
                     values = {"heads": d.heads, "cls_to_cls": d.cls_to_cls, "mlps": d.mlps,
-                              "embeddings": d.embedding}
-                    for a, v in values.items():
+                              "embeddings": d.embedding, "pool_heads": d.pool_heads}
+                    for a in writers:
+                        v = values[a]
                         writers[a].write(rows_done, v.float().cpu().numpy())
                     for k, idx in enumerate(indices):
                         y = images.labels[idx]
@@ -426,7 +441,8 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
     total = sum(m["rows_done"] for m in manifests)
     first = manifests[0]
     writers = {}
-    for a in ARRAYS:
+    arrays = list(first["arrays"])
+    for a in arrays:
         src = np.load(shard_dirs[0] / f"{a}.npy", mmap_mode="r")
         writers[a] = NpyRows.create(out / f"{a}.npy", total, src.shape[1:], src.dtype)
     row = 0
@@ -438,7 +454,7 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
         w.writerow(header)
         for d, m in zip(shard_dirs, manifests):
             n = m["rows_done"]
-            for a in ARRAYS:
+            for a in arrays:
                 src = np.load(d / f"{a}.npy", mmap_mode="r")
                 for s in range(0, n, chunk_rows):
                     writers[a].write(row + s, np.asarray(src[s:s + chunk_rows]))
@@ -458,7 +474,7 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
             f.write((d / "image_list.txt").read_text())
     manifest = dict(settings, format=FORMAT, textspan_version=__version__, created=first.get("created"),
                     updated=_now(), rows_done=total, next_index=settings["n_images"], failures=failures,
-                    complete=True, arrays={a: [total, *first["arrays"][a][1:]] for a in ARRAYS},
+                    complete=True, arrays={a: [total, *first["arrays"][a][1:]] for a in arrays},
                     merged_from=[str(d.relative_to(out)) for d in shard_dirs], **({"notes": notes} if notes else {}))
     write_json_atomic(out / "manifest.json", manifest)
     shutil.rmtree(out / "shards", ignore_errors=True)
@@ -498,8 +514,14 @@ class HeadCache:
         return self._array("heads")
 
     @property
-    def cls_to_cls(self) -> np.ndarray:
-        return self._array("cls_to_cls")
+    def cls_to_cls(self) -> Optional[np.ndarray]:
+        """[n, L, H, d'] the CLS->CLS terms; None for an attention-pooled tower (no CLS token)."""
+        return self._array("cls_to_cls") if (self.folder / "cls_to_cls.npy").exists() else None
+
+    @property
+    def pool_heads(self) -> Optional[np.ndarray]:
+        """[n, G, d'] the pooling heads' terms of an attention-pooled tower (SigLIP); None otherwise."""
+        return self._array("pool_heads") if (self.folder / "pool_heads.npy").exists() else None
 
     @property
     def mlps(self) -> np.ndarray:

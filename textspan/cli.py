@@ -233,8 +233,9 @@ def ablate(cache_dir, classifier, classes, templates, reference, same_set, seed,
     r = ablate_cache(cache_dir, output, classes=classes, templates=templates, classifier=classifier,
                      reference=reference, same_set=same_set, heads=heads, draws=draws, seed=seed, model=model_name,
                      pretrained=pretrained, device=device, overwrite=overwrite).results
-    click.echo(f"baseline {r['baseline']:.2f}%  mlps {r['mlps']:.2f}%  cls_to_cls {r['cls_to_cls']:.2f}%  "
-               f"both {r['mlps_and_cls_to_cls']:.2f}%  ({r['protocol']})")
+    click.echo(f"baseline {r['baseline']:.2f}%  mlps {r['mlps']:.2f}%  " + (
+        f"cls_to_cls {r['cls_to_cls']:.2f}%  both {r['mlps_and_cls_to_cls']:.2f}%  " if "cls_to_cls" in r else "")
+        + f"({r['protocol']})")
 
 
 @main.command()

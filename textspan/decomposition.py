@@ -25,9 +25,10 @@ Head-wise constants (W_O, layer scale, ln_post's gamma and the projection) are f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .engine import Block, Tower, read_tower
 from .errors import BadInputError
@@ -47,6 +48,15 @@ class Decomposition:
         embedding: [batch, d_embed], e / ||e|| from the same forward pass.
         ln_mean, ln_std: [batch], the frozen statistics of ln_post used to linearise it.
         spatial: whether `heads` keeps the token axis.
+
+    Attention-pooled towers (SigLIP; ``pool_heads is not None``): there is no CLS token, so the token axis holds the
+    patch tokens only and `cls_to_cls` is None; `mlps` has L + 2 rows, the last one the pooling head's own terms
+    (its MLP and every constant: the final norm's beta and the value bias through the pool, the pool's out_proj
+    bias). Beside the trunk's terms, the published pooling-level split:
+        pool_heads: [batch, pool head, token, d_embed] when spatial, else [batch, pool head, d_embed]: per pooling
+            head g and token m, a[g, m] W_out[:, g] (W_v[g] xn_m + b_v[g]) (xn: the tokens after the final norm).
+        pool_mlp: [batch, d_embed], the pooling MLP's term; pool_out_bias: [batch, d_embed], out_proj's bias.
+    ``pool_heads`` summed + ``pool_mlp`` + ``pool_out_bias`` equals e / ||e|| too (`pool_total()`).
     """
 
     heads: torch.Tensor
@@ -58,10 +68,20 @@ class Decomposition:
     ln_std: torch.Tensor
     spatial: bool
     grid_size: tuple = field(default=(0, 0))
+    pool_heads: Optional[torch.Tensor] = None
+    pool_mlp: Optional[torch.Tensor] = None
+    pool_out_bias: Optional[torch.Tensor] = None
 
     @property
     def n_layers(self) -> int:
-        return self.mlps.shape[1] - 1
+        return self.heads.shape[1]
+
+    def pool_total(self) -> torch.Tensor:
+        """[batch, d_embed]: the pooling-level terms summed (attention-pooled towers); equals e / ||e||."""
+        if self.pool_heads is None:
+            raise BadInputError("this decomposition has no pooling-head terms (the tower pools at a CLS token)")
+        ph = self.pool_heads.sum(dim=2) if self.spatial else self.pool_heads
+        return ph.sum(dim=1) + self.pool_mlp + self.pool_out_bias
 
     @property
     def n_heads(self) -> int:
@@ -125,7 +145,7 @@ def forward_image(model, images: torch.Tensor) -> torch.Tensor:
         for item in _run(tower, images, keep_values=False):
             if item[0] == "out":
                 x = item[1]
-        return tower.pool(x[:, 0])
+        return tower.pool_stream(x)
 
 
 def _layer_fold(block: Block, gamma, proj, like):
@@ -179,6 +199,16 @@ def project(model, images: torch.Tensor, directions: torch.Tensor, heads=None, a
         return _project(tower, images, directions, heads, any_size)
 
 
+def _project_pooled(tower: Tower, images, T, sel) -> Projection:
+    """`project` for attention-pooled towers, through the spatial decomposition of the batch (its [b, L, N, H, d']
+    terms are made, one batch at a time)."""
+    d = _decompose_pooled(tower, images, spatial=True)
+    on, off = sel.to(d.heads.dtype).to(d.heads.device), (~sel).to(d.heads.dtype).to(d.heads.device)
+    tokens = torch.einsum("blnhe,lh,ke->bnk", d.heads, on, T)
+    other = torch.einsum("blnhe,lh,ke->bk", d.heads, off, T)
+    return Projection(tokens=tokens, other_heads=other, mlps=d.mlps.sum(dim=1) @ T.t(), norm=d.norm)
+
+
 def _project(tower: Tower, images, directions, heads_mask, any_size=False) -> Projection:
     blocks = tower.blocks
     L, H, d_model = tower.n_layers, tower.n_heads, tower.d_model
@@ -193,6 +223,11 @@ def _project(tower: Tower, images, directions, heads_mask, any_size=False) -> Pr
     sel = torch.ones(L, H, dtype=torch.bool) if heads_mask is None else torch.as_tensor(heads_mask, dtype=torch.bool)
     if tuple(sel.shape) != (L, H):
         raise BadInputError(f"heads mask must be [{L}, {H}]; got {tuple(sel.shape)}")
+    if tower.pool_head is not None:
+        if any_size and tuple(images.shape[-2:]) != tower.image_size:
+            raise BadInputError(f"attention-pooled towers are decomposed at their own image size {tower.image_size}; "
+                                f"got {tuple(images.shape[-2:])}")
+        return _project_pooled(tower, tower.to_input(images), T, sel)
     b, k = images.shape[0], T.shape[0]
     K = 2 * L + 1
     tokens = torch.zeros(b, N, k, dtype=like.dtype, device=like.device)
@@ -249,6 +284,8 @@ def decompose(model, images: torch.Tensor, spatial: bool = True) -> Decompositio
     """
     tower = read_tower(model)
     with torch.no_grad():
+        if tower.pool_head is not None:
+            return _decompose_pooled(tower, images, spatial)
         return _decompose(tower, images, spatial)
 
 
@@ -313,6 +350,120 @@ def _decompose(tower: Tower, images: torch.Tensor, spatial: bool) -> Decompositi
         spatial=spatial,
         grid_size=tuple(tower.grid_size),
     )
+
+
+def _center(t: torch.Tensor) -> torch.Tensor:
+    """t minus its mean over the last (d_model) axis: the part of a residual-stream term the final norm sees."""
+    return t - t.mean(dim=-1, keepdim=True)
+
+
+def _decompose_pooled(tower: Tower, images: torch.Tensor, spatial: bool) -> Decomposition:
+    """The decomposition of an attention-pooled tower (see `Decomposition`).
+
+    The final norm is linearised per token m with the token's own mean and std (sigma_m): centring is linear, so
+    every residual-stream term c_m reaches the pooled vector as sum_g sum_m a[g, m] / sigma_m * F_g center(c_m), with
+    F_g = W_out[:, g] W_v[g] diag(gamma) (then the projection). Attention terms are computed from the per-head
+    outputs at every token weighted by a[g, m] / sigma_m (non-spatial), or from the full attention maps (spatial:
+    sum_m a[g, m] / sigma_m A[m, n] weights source token n); nothing of size [N, N, H, d'] is made.
+    """
+    if tower.dropout_prob > 0:
+        raise BadInputError("patch dropout is active in training mode: call model.eval() before decomposing")
+    tower.check_images(images)
+    pool = tower.pool_head
+    blocks = tower.blocks
+    L, H, d_model = tower.n_layers, tower.n_heads, tower.d_model
+    G, dg = pool.n_heads, pool.d_head
+    dh = d_model // H
+    like = tower.weight
+    dt, dev = like.dtype, like.device
+    weight, beta, eps = tower.norm_final_affine
+    gamma = weight.to(dt) if weight is not None else torch.ones(d_model, dtype=dt, device=dev)
+    beta = beta.to(dt) if beta is not None else torch.zeros(d_model, dtype=dt, device=dev)
+    proj = tower.projection.to(dt) if tower.projection is not None else torch.eye(d_model, dtype=dt, device=dev)
+
+    # the forward, keeping what every token receives
+    x = tower.embed(tower.to_input(images))
+    embed = x
+    heads_out, mlp_out, traces = [], [], []
+    for block in blocks:
+        if spatial:
+            t = block.forward(x)
+            traces.append((t.probs, t.v))
+            heads_out.append(t.heads_out)
+            mlp_out.append(t.x_out - t.y)
+            x = t.x_out
+        else:
+            x, ho, mo = block.forward_tokens(x)
+            heads_out.append(ho)
+            mlp_out.append(mo)
+    b, N, _ = x.shape
+
+    # the pool at the image's own statistics
+    mu = x.mean(dim=-1)  # [b, N]
+    sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + eps)  # [b, N]
+    xn = tower.norm_final(x)
+    a = pool.probs(xn)  # [b, G, N]
+    vals = pool.values(xn)  # [b, G, N, dg]
+    y = pool.head_out(a, vals)
+    mlp_term = pool.mlp_term(y)
+    e = (y + mlp_term) @ proj
+    norm = e.norm(dim=-1)
+    inv = 1.0 / norm  # [b]
+
+    # F_g: [G, d_model, d_embed], d_model-side input of the value path (gamma folded), to the embedding
+    w_out_g = pool.w_out.t().reshape(G, dg, d_model).to(dt)  # rows of W_out^T per head
+    w_v_g = pool.w_v.reshape(G, dg, d_model).to(dt)
+    Fg = (gamma[None, :, None] * w_v_g.transpose(1, 2)) @ (w_out_g @ proj)  # [G, d_model, d_embed]
+    w = a / sigma[:, None, :]  # [b, G, N]
+    s_g = w.sum(dim=-1)  # [b, G]
+
+    def through(u):  # u [b, G, ..., d_model] centred inputs -> [b, ..., d_embed], summed over g
+        return torch.einsum("bg...d,gde->b...e", u, Fg)
+
+    def token_term(c):  # c [b, N, d_model] a residual-stream term at every token -> [b, d_embed]
+        return through(_center(torch.einsum("bgn,bnd->bgd", w, c)))
+
+    mlps = torch.empty(b, L + 2, proj.shape[1], dtype=dt, device=dev)
+    mlps[:, 0] = token_term(embed)
+    heads = torch.empty((b, L, N, H, proj.shape[1]) if spatial else (b, L, H, proj.shape[1]), dtype=dt, device=dev)
+    for l, block in enumerate(blocks):
+        g1 = block.scale_attn_gamma
+        ls1 = g1.to(dt) if g1 is not None else torch.ones(d_model, dtype=dt, device=dev)
+        w_o = block.w_out.t().reshape(H, dh, d_model).to(dt) * ls1  # [H, dh, d_model], layer scale folded
+        if block.head_gain is not None:
+            w_o = w_o * block.head_gain.reshape(H, 1, 1)
+        if block.b_out is not None:  # out_proj's bias reaches every token: spread evenly over the heads (and tokens)
+            bias_term = through(_center(block.b_out.to(dt) * ls1)[None, None] * s_g[..., None]) / H  # [b, d_embed]
+        else:
+            bias_term = torch.zeros(b, proj.shape[1], dtype=dt, device=dev)
+        if spatial:
+            probs, v = traces[l]  # [b, H, N, N], [b, H, N, dh]
+            beta_w = torch.einsum("bgm,bhmn->bghn", w, probs)  # weight of source token n per pool head g
+            for h in range(H):  # one head at a time: [b, G, N, d_model] at most
+                u = _center((beta_w[:, :, h, :, None] * v[:, None, h]) @ w_o[h])  # [b, G, N, d_model]
+                heads[:, l, :, h] = through(u) + bias_term[:, None] / N
+        else:
+            o = heads_out[l].reshape(b, N, H, dh)
+            r = torch.einsum("bgn,bnhd->bghd", w, o)  # [b, G, H, dh]
+            u = _center(torch.einsum("bghd,hdm->bghm", r, w_o))  # [b, G, H, d_model]
+            heads[:, l] = through(u) + bias_term[:, None]
+        mlps[:, l + 1] = token_term(mlp_out[l])
+    # the pooling head's own terms: every constant and its MLP
+    const = (beta @ (w_v_g.transpose(1, 2) @ w_out_g).sum(dim=0))  # [d_model]: beta through each head's value path
+    if pool.b_v is not None:
+        const = const + F.linear(pool.b_v.to(dt), pool.w_out.to(dt))
+    out_bias = pool.b_out.to(dt) if pool.b_out is not None else torch.zeros(d_model, dtype=dt, device=dev)
+    mlps[:, L + 1] = ((const + out_bias) @ proj)[None] + mlp_term @ proj
+    heads.mul_(inv.view(b, *([1] * (heads.ndim - 1))))
+    mlps.mul_(inv[:, None, None])
+
+    # the published pooling-level split: a[g, m] W_out[:, g] v[g, m] per pooling head and token
+    per = torch.einsum("bgnk,gkd->bgnd", a.unsqueeze(-1) * vals, w_out_g) @ proj  # [b, G, N, d_embed]
+    pool_heads = per if spatial else per.sum(dim=2)
+    return Decomposition(
+        heads=heads, mlps=mlps, cls_to_cls=None, norm=norm, embedding=e * inv[:, None], ln_mean=mu, ln_std=sigma,
+        spatial=spatial, grid_size=tuple(tower.grid_size), pool_heads=pool_heads * inv.view(b, 1, *([1] * (pool_heads.ndim - 2))),
+        pool_mlp=(mlp_term @ proj) * inv[:, None], pool_out_bias=(out_bias @ proj)[None] * inv[:, None])
 
 
 def cls_attention(model, images: torch.Tensor) -> torch.Tensor:

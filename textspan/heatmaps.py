@@ -57,7 +57,8 @@ def patch_maps(projection, grid_size, relative: bool = True) -> torch.Tensor:
     """[b, k, grid_h, grid_w]: the patch tokens of a `Projection`, optionally relative to the mean over the k
     directions. (`projection.total()` gives the image-direction similarities of the same forward pass.)"""
     b, _, k = projection.tokens.shape
-    maps = projection.tokens[:, 1:].transpose(1, 2).reshape(b, k, *grid_size)
+    n_patch = grid_size[0] * grid_size[1]  # the patch tokens are the last ones (after the CLS token, if any)
+    maps = projection.tokens[:, -n_patch:].transpose(1, 2).reshape(b, k, *grid_size)
     if relative:
         maps = maps - maps.mean(dim=1, keepdim=True)
     return maps

@@ -48,6 +48,15 @@ class ModelInfo:
     layer_scale: bool
     activation: str
     n_params_visual: int
+    pooling: str = "cls"  # "cls" (the CLS token) or "attention" (SigLIP's attention-pooling head)
+    n_pool_heads: int = 0
+    family: str = "open_clip"
+
+    @property
+    def n_mlp_terms(self) -> int:
+        """Rows of the MLP-type terms: the embedding term, one per MLP, and the pooling head's own terms (attention
+        pooling)."""
+        return self.n_layers + (2 if self.pooling == "attention" else 1)
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -115,7 +124,9 @@ def load_model(
 
     Args:
         name: an open_clip model name (``"ViT-B-16"``; ``open_clip.list_models()``), an open_clip schema name
-            (``"hf-hub:org/repo"``, ``"local-dir:/path"``), or a built-in model (``"shapes"``, ``"shapes-spurious"``;
+            (``"hf-hub:org/repo"``, ``"local-dir:/path"``), a Hugging Face transformers CLIP or SigLIP model
+            (``"hf:openai/clip-vit-base-patch16"``, ``"hf:google/siglip-base-patch16-224"``, or a local folder holding
+            its ``config.json``, weights, processor and tokenizer files), or a built-in model (``"shapes"``, ``"shapes-spurious"``;
             offline, shipped with textspan; ``pretrained`` may then name a training checkpoint of it).
         pretrained: an open_clip pretrained tag (``"laion2b_s34b_b88k"``; downloaded by open_clip when online), a local
             checkpoint (.pt/.pth/.bin/.safetensors, loaded with ``weights_only=True``), or None for random
@@ -146,6 +157,11 @@ def load_model(
 
         variant = "default" if name == "shapes" else "spurious"
         return load_shapes_model(variant=variant, device=device, checkpoint=pretrained)
+    if name.startswith("hf:") or (os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json"))):
+        from .hf import load_hf_model
+
+        return load_hf_model(name[3:] if name.startswith("hf:") else name, device=device, precision=precision,
+                             cache_dir=cache_dir)
 
     kwargs = dict(precision=precision, device=device, cache_dir=cache_dir, pretrained_text=False)
     schema = name.split(":", 1)[0] if ":" in name else None
@@ -186,10 +202,41 @@ def load_model(
         pretrained = None
 
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _open_clip_tokenizer(name, cache_dir)
     model.eval()
     check_decomposable(model)
     return model, preprocess, tokenizer
+
+
+class MissingTokenizer:
+    """Stands in for a tokenizer whose files are not reachable: image jobs run; text jobs stop with the reason."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, *args, **kwargs):
+        raise WeightsUnavailableError(self.message)
+
+
+def _open_clip_tokenizer(name: str, cache_dir: Optional[str]):
+    """open_clip's tokenizer for `name`; a Hugging Face tokenizer that is neither cached nor reachable becomes a
+    `MissingTokenizer` at once (instead of a minute of retries, for models whose image side runs offline)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name.replace("/", "-")) if ":" not in name else None
+    hf_name = ((cfg or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+    if hf_name and not _hub_reachable():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            found = try_to_load_from_cache(hf_name, "tokenizer_config.json", cache_dir=cache_dir)
+        except ImportError:  # pragma: no cover
+            found = None
+        if not (isinstance(found, str) and os.path.isfile(found)):
+            msg = (f"the tokenizer of {name} ({hf_name}, Hugging Face) is not in the local cache and the hub cannot be "
+                   f"reached: text embeddings need it (copy it into the hub cache, or pass precomputed embeddings)")
+            log.warning("%s; image jobs still run", msg)
+            return MissingTokenizer(msg)
+    return open_clip.get_tokenizer(name)
 
 
 def _unknown_model_message(name: str) -> str:
@@ -202,8 +249,8 @@ def _unknown_model_message(name: str) -> str:
     close = close or difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=6, cutoff=0.5)
     hint = f"; close names: {', '.join(close)}" if close else ""
     return (f"unknown open_clip model name {name!r}{hint}. Known: the built-in {', '.join(BUILTIN_MODELS)}, any name of "
-            f"open_clip.list_models() ({len(known) - len(BUILTIN_MODELS)} names), 'hf-hub:ORG/REPO' or "
-            f"'local-dir:/path'")
+            f"open_clip.list_models() ({len(known) - len(BUILTIN_MODELS)} names), 'hf-hub:ORG/REPO', "
+            f"'local-dir:/path', or a transformers CLIP/SigLIP model as 'hf:ORG/NAME' or a folder with its config.json")
 
 
 def visual_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -229,10 +276,13 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
         image_size=t.image_size,
         patch_size=t.patch_size,
         grid_size=t.grid_size,
-        n_tokens=1 + t.grid_size[0] * t.grid_size[1],
+        n_tokens=t.n_tokens,
         layer_scale=t.layer_scale,
         activation=t.activation,
         n_params_visual=sum(p.numel() for p in t.module.parameters()),
+        pooling="cls" if t.pool_head is None else "attention",
+        n_pool_heads=0 if t.pool_head is None else t.pool_head.n_heads,
+        family=t.family,
     )
 
 

@@ -83,7 +83,7 @@ def explain(model, images: torch.Tensor, text_embeddings, method: str = "legrad"
     """
     fn = get_method(method)
     with untouched(model):
-        tower, images, T = prepare(model, images, text_embeddings)
+        tower, images, T = prepare(model, images, text_embeddings, method)
         maps = fn(tower, images, T, **options)
     return maps.detach()
 

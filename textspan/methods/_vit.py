@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..engine import BlockTrace, Tower, read_tower
-from ..errors import BadInputError
+from ..errors import BadInputError, UnsupportedModelError
 from ..names import parse_layers
 
 __all__ = ["BlockTrace", "untouched", "prepare", "trace", "last_block_input", "start_block", "batched_vjp",
@@ -37,11 +37,15 @@ def untouched(model):
             m.training = t
 
 
-def prepare(model, images: torch.Tensor, text_embeddings) -> tuple:
+def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> tuple:
     """(tower, images on the model's device/dtype, text embeddings [P, d_embed] likewise), checked."""
     tower = read_tower(model)
     like = tower.weight
     tower.check_images(images, any_size=True)
+    if tower.pool_head is not None and method != "decomposition":
+        raise UnsupportedModelError(
+            f"method {method!r} follows the CLS token, and this {tower.family} image tower has none (it pools with "
+            f"attention); on attention-pooled towers only method='decomposition' runs so far")
     T = torch.as_tensor(text_embeddings).to(device=like.device, dtype=like.dtype)
     if T.ndim == 1:
         T = T[None]

@@ -1,0 +1,221 @@
+"""Model families beyond open_clip's own ViT: transformers CLIP and SigLIP, open_clip's timm SigLIP trunk.
+
+Identities on tiny randomly initialised models: our forward equals the library's; the terms sum to the normalised
+embedding (float64 1e-12, float32 1e-5); spatial terms summed over tokens equal the non-spatial ones; the
+pooling-level split equals the published one (computed here from the transformers module itself); an open_clip CLIP
+and a transformers CLIP with the same weights give the same terms. Then the jobs on a transformers SigLIP folder
+loaded by path, and the refusals."""
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from families import hf_clip, hf_siglip, open_clip_siglip, word_tokenizer  # noqa: E402
+
+import textspan  # noqa: E402
+from textspan import engine  # noqa: E402
+
+pytest.importorskip("transformers")
+BUILDERS = {"hf_clip": hf_clip, "hf_siglip": hf_siglip, "open_clip_siglip": open_clip_siglip}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def family(request):
+    return request.param, BUILDERS[request.param]()
+
+
+def _images(n=3, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g, dtype=dtype)
+
+
+def test_forward_equals_library(family):
+    name, model = family
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        m = model.to(dtype)
+        x = _images(dtype=dtype)
+        with torch.no_grad():
+            ref = engine.library_image_embedding(m, x)
+            ours = textspan.decomposition.forward_image(m, x)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() < tol * max(1.0, ref.abs().max().item()), name
+    model.float()
+
+
+def test_identity_spatial_and_pool_split(family):
+    name, model = family
+    m = model.double()
+    x = _images()
+    e = F.normalize(engine.library_image_embedding(m, x), dim=-1).detach()
+    d = textspan.decompose(m, x, spatial=False)
+    ds = textspan.decompose(m, x, spatial=True)
+    assert (d.total() - e).abs().max() < 1e-12
+    assert (ds.total() - e).abs().max() < 1e-12
+    assert (ds.heads.sum(dim=2) - d.heads).abs().max() < 1e-13
+    assert (d.embedding - e).abs().max() < 1e-13
+    info = textspan.model_info(m)
+    assert d.mlps.shape[1] == info.n_mlp_terms
+    assert ds.heads.shape[2] == info.n_tokens
+    if info.pooling == "attention":
+        assert d.cls_to_cls is None
+        assert (d.pool_total() - e).abs().max() < 1e-12
+        assert (ds.pool_heads.sum(dim=2) - d.pool_heads).abs().max() < 1e-13
+        # every head and MLP matters: no term is identically zero
+        assert d.heads.abs().amax(dim=(0, 3)).min() > 0 and d.mlps.abs().amax(dim=(0, 2)).min() > 0
+    m.float()
+    d32 = textspan.decompose(m, x.float(), spatial=False)
+    e32 = F.normalize(engine.library_image_embedding(m, x.float()), dim=-1).detach()
+    assert (d32.total() - e32).abs().max() < 1e-5
+
+
+def test_pooling_split_is_the_published_one():
+    """Per pooling head g and token m: a[g, m] W_out[:, g] (W_v[g] xn_m + b_v[g]), the TextSpan authors' SigLIP split
+    (their pooling_head.attention out.post); the rest is out_proj's bias and the pooling MLP's output. Computed here
+    from the transformers module's own nn.MultiheadAttention (attention weights per head)."""
+    m = hf_siglip().double()
+    x = _images()
+    vm = m.vision_model
+    with torch.no_grad():
+        xn = vm(pixel_values=x).last_hidden_state  # after post_layernorm
+        head = vm.head
+        probe = head.probe.repeat(x.shape[0], 1, 1)
+        mha = head.attention
+        _, attn = mha(probe, xn, xn, need_weights=True, average_attn_weights=False)  # [b, G, 1, N]
+        d_model, G = xn.shape[-1], mha.num_heads
+        v = F.linear(xn, mha.in_proj_weight[2 * d_model:], mha.in_proj_bias[2 * d_model:])
+        v = v.view(*v.shape[:2], G, d_model // G)  # [b, N, G, dg]
+        w_out = mha.out_proj.weight.view(d_model, G, d_model // G)
+        published = torch.einsum("bgn,bngc,dgc->bgnd", attn[:, :, 0], v, w_out)  # [b, G, N, d]
+        pooled = published.sum(dim=(1, 2)) + mha.out_proj.bias
+        mlp_out = head.mlp(head.layernorm(pooled[:, None]))[:, 0]
+        e = pooled + mlp_out
+    ds = textspan.decompose(m, x, spatial=True)
+    norm = ds.norm[:, None, None, None]
+    assert (ds.pool_heads * norm - published).abs().max() < 1e-12
+    assert (ds.pool_mlp * ds.norm[:, None] - mlp_out).abs().max() < 1e-12
+    assert (ds.pool_out_bias * ds.norm[:, None] - mha.out_proj.bias).abs().max() < 1e-12
+    assert (e - engine.library_image_embedding(m, x)).abs().max() < 1e-12
+
+
+def _open_clip_to_hf(oc, hf):
+    """Copy an open_clip ViT image tower's weights into a transformers CLIP vision tower of the same shape."""
+    v, h = oc.visual, hf.vision_model
+    sd = {"embeddings.patch_embedding.weight": v.conv1.weight, "embeddings.class_embedding": v.class_embedding,
+          "embeddings.position_embedding.weight": v.positional_embedding,
+          "pre_layrnorm.weight": v.ln_pre.weight, "pre_layrnorm.bias": v.ln_pre.bias,
+          "post_layernorm.weight": v.ln_post.weight, "post_layernorm.bias": v.ln_post.bias}
+    for i, b in enumerate(v.transformer.resblocks):
+        p = f"encoder.layers.{i}."
+        q, k, vv = b.attn.in_proj_weight.chunk(3)
+        qb, kb, vb = b.attn.in_proj_bias.chunk(3)
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": vv, p + "self_attn.q_proj.bias": qb,
+                   p + "self_attn.k_proj.bias": kb, p + "self_attn.v_proj.bias": vb,
+                   p + "self_attn.out_proj.weight": b.attn.out_proj.weight,
+                   p + "self_attn.out_proj.bias": b.attn.out_proj.bias,
+                   p + "layer_norm1.weight": b.ln_1.weight, p + "layer_norm1.bias": b.ln_1.bias,
+                   p + "layer_norm2.weight": b.ln_2.weight, p + "layer_norm2.bias": b.ln_2.bias,
+                   p + "mlp.fc1.weight": b.mlp.c_fc.weight, p + "mlp.fc1.bias": b.mlp.c_fc.bias,
+                   p + "mlp.fc2.weight": b.mlp.c_proj.weight, p + "mlp.fc2.bias": b.mlp.c_proj.bias})
+    missing = h.load_state_dict({k: t.detach().clone() for k, t in sd.items()}, strict=False)
+    assert not missing.unexpected_keys and not [k for k in missing.missing_keys if "position_ids" not in k]
+    with torch.no_grad():
+        hf.visual_projection.weight.copy_(v.proj.t())
+
+
+def test_open_clip_and_transformers_clip_same_weights_same_terms():
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(3)
+    oc = open_clip.CLIP(embed_dim=24, vision_cfg=CLIPVisionCfg(layers=3, width=32, head_width=8, patch_size=8,
+                                                               image_size=32, mlp_ratio=2.0),
+                        text_cfg=CLIPTextCfg(context_length=16, vocab_size=64, width=32, heads=4, layers=1)).eval()
+    hf = hf_clip(hidden_act="gelu")
+    _open_clip_to_hf(oc, hf)
+    oc, hf = oc.double(), hf.double()
+    x = _images()
+    for spatial in (False, True):
+        a = textspan.decompose(oc, x, spatial=spatial)
+        b = textspan.decompose(hf, x, spatial=spatial)
+        assert (a.heads - b.heads).abs().max() < 1e-12
+        assert (a.mlps - b.mlps).abs().max() < 1e-12
+        assert (a.cls_to_cls - b.cls_to_cls).abs().max() < 1e-12
+    assert (F.normalize(oc.encode_image(x), dim=-1) - a.embedding).abs().max() < 1e-12
+
+
+def test_heatmaps_on_attention_pooled_tower():
+    m = hf_siglip().double()
+    x = _images(2)
+    T = F.normalize(torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    p = textspan.project(m, x, T)
+    d = textspan.decompose(m, x, spatial=True)
+    assert (p.total() - d.embedding @ T.T).abs().max() < 1e-12
+    maps = textspan.explain(m, x, T, method="decomposition", relative=False)
+    assert maps.shape == (2, 3, 4, 4)
+    assert (maps.flatten(2).sum(-1) - torch.einsum("blnhe,ke->bk", d.heads, T)).abs().max() < 1e-12
+    with pytest.raises(textspan.UnsupportedModelError, match="attention"):
+        textspan.explain(m, x, T, method="legrad")
+
+
+@pytest.fixture(scope="module")
+def siglip_folder(tmp_path_factory):
+    from textspan.hf import save_hf_model
+
+    return save_hf_model(hf_siglip(), tmp_path_factory.mktemp("hf") / "siglip", image_size=32,
+                         tokenizer=word_tokenizer())
+
+
+def test_load_local_folder_and_jobs(siglip_folder, tmp_path):
+    model, preprocess, tokenizer = textspan.load_model(str(siglip_folder))
+    assert type(model).__name__ == "SiglipModel" and tokenizer is not None
+    world = tmp_path / "w"
+    textspan.write_shapes_world(world, 24)
+    res = textspan.cache_images(world / "images", tmp_path / "cache", str(siglip_folder), batch_size=8)
+    c = textspan.HeadCache(tmp_path / "cache")
+    info = textspan.model_info(model)
+    assert c.heads.shape == (24, 3, 4, 32) and c.mlps.shape == (24, 5, 32) and c.pool_heads.shape == (24, 4, 32)
+    assert c.cls_to_cls is None
+    total = np.asarray(c.heads).sum(axis=(1, 2)) + np.asarray(c.mlps).sum(axis=1)
+    assert np.abs(total - np.asarray(c.embeddings)).max() < 1e-5
+    assert info.pooling == "attention"
+    # the cached embeddings are the library's own
+    from textspan.datasets import read_image
+    paths = list(c.images["path"][:2])
+    x = torch.stack([preprocess(read_image(p)) for p in paths])
+    with torch.no_grad():
+        ref = F.normalize(engine.library_image_embedding(model, x), dim=-1).numpy()
+    assert np.abs(ref - np.asarray(c.embeddings[:2])).max() < 1e-5
+    abl = textspan.ablate_cache(tmp_path / "cache", tmp_path / "abl", classes=["circle", "square", "triangle", "star",
+                                                                      "cross"])
+    assert "cls_to_cls" not in abl.results and len(abl.results["single_heads"]) == 3
+    labels = textspan.label_cache(tmp_path / "cache", tmp_path / "labels", bank="shapes", n_texts=2, layers="all", rank=8)
+    assert len(labels.results) == 12
+
+
+def test_logit_scale_and_bias():
+    scale, bias = engine.logit_scale_and_bias(hf_siglip())
+    assert bias is not None and scale > 0
+    scale, bias = engine.logit_scale_and_bias(hf_clip())
+    assert bias is None
+
+
+def test_offline_hub_name_fails_fast(monkeypatch):
+    monkeypatch.setenv("TEXTSPAN_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(textspan.WeightsUnavailableError, match="not in the local cache"):
+        textspan.load_model("hf:google/siglip-base-patch16-224-not-cached")
+    assert time.time() - t0 < 10
+
+
+def test_refusals_name_the_reason():
+    import open_clip
+
+    m = open_clip.create_model("coca_ViT-B-32")
+    with pytest.raises(textspan.UnsupportedModelError, match="attentional pooling"):
+        textspan.model_info(m)

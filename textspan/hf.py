@@ -1,0 +1,130 @@
+"""Loading Hugging Face transformers CLIP and SigLIP models: the model, its image preprocessing and its tokenizer.
+
+`load_hf_model("openai/clip-vit-base-patch16")` (what ``load_model("hf:...")`` calls) or a local folder holding a
+``config.json`` (``save_pretrained`` output). Offline, a hub name whose files are not in the local cache fails within
+seconds with the options spelled out (`WeightsUnavailableError`), as open_clip tags do.
+
+The preprocessing is the model's own image processor (resize, crop, rescale, normalise), wrapped to take one PIL
+image and return a [3, H, W] tensor like open_clip's transforms; the tokenizer is the model's own, wrapped to take a
+list of texts and return what the text tower takes (SigLIP pads to its fixed length, as it was trained).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import UnsupportedModelError, WeightsUnavailableError
+
+SUPPORTED = ("CLIPModel", "SiglipModel", "CLIPVisionModelWithProjection", "CLIPVisionModel", "SiglipVisionModel")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+class HFImageTransform:
+    """One PIL image -> [3, H, W] float tensor through the model's own image processor."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"HFImageTransform({type(self.processor).__name__})"
+
+
+class HFTokenizer:
+    """A list of texts -> the text tower's inputs (a ``BatchEncoding`` with ``.to(device)``)."""
+
+    def __init__(self, tokenizer, pad_to: Optional[int] = None, max_length: Optional[int] = None):
+        self.tokenizer = tokenizer
+        self.pad_to = pad_to
+        self.max_length = max_length
+
+    def __call__(self, texts: Union[str, Sequence[str]]):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.pad_to:
+            return self.tokenizer(texts, padding="max_length", max_length=self.pad_to, truncation=True,
+                                  return_tensors="pt")
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+
+def _local_or_cached(name: str, cache_dir: Optional[str]) -> bool:
+    if os.path.isdir(name):
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    found = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir)
+    return isinstance(found, str) and os.path.isfile(found)
+
+
+def load_hf_model(name: str, device: Union[str, torch.device] = "cpu", *, precision: str = "fp32",
+                  cache_dir: Optional[str] = None) -> Tuple[torch.nn.Module, Callable, Optional[Callable]]:
+    """(model, preprocess, tokenizer) of a transformers CLIP or SigLIP model (hub name or local folder), in eval mode.
+
+    The tokenizer is None for a vision-only model or a folder without tokenizer files (text jobs then say so)."""
+    from .models import _hub_reachable
+
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - a dependency
+        raise UnsupportedModelError("Hugging Face models need the transformers package (pip install transformers)") \
+            from err
+    if not _local_or_cached(name, cache_dir) and not _hub_reachable():
+        raise WeightsUnavailableError(
+            f"Hugging Face model {name!r} is not in the local cache ({cache_dir or 'the huggingface hub cache'}) "
+            f"and the hub cannot be reached from this machine. Options: (1) pass a local folder holding its "
+            f"config.json and weights (save_pretrained output); (2) copy the model into the hub cache on a machine "
+            f"with internet access; (3) use the built-in offline model 'shapes'")
+    if precision not in PRECISIONS:
+        raise UnsupportedModelError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
+    transformers.utils.logging.set_verbosity_error()  # no progress bars or config chatter in textspan's output
+    transformers.utils.logging.disable_progress_bar()
+    config = transformers.AutoConfig.from_pretrained(name, cache_dir=cache_dir)
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    model_type = getattr(config, "model_type", "")
+    if model_type not in ("clip", "siglip", "clip_vision_model", "siglip_vision_model"):
+        raise UnsupportedModelError(
+            f"{name}: model_type {model_type!r} ({arch or 'no architecture'}) is not a CLIP or SigLIP model; textspan "
+            f"reads transformers {', '.join(SUPPORTED)}")
+    cls = getattr(transformers, arch, None) if arch in SUPPORTED else None
+    cls = cls or transformers.AutoModel
+    model = cls.from_pretrained(name, cache_dir=cache_dir, torch_dtype=PRECISIONS[precision])
+    model = model.to(device).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(name, cache_dir=cache_dir)
+    tokenizer = None
+    if hasattr(model, "get_text_features"):
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
+        except (OSError, ValueError):
+            tok = None
+        if tok is not None:
+            text_cfg = getattr(config, "text_config", config)
+            length = getattr(text_cfg, "max_position_embeddings", None)
+            tokenizer = HFTokenizer(tok, pad_to=length if model_type.startswith("siglip") else None,
+                                    max_length=length)
+    from .engine import check_decomposable
+
+    check_decomposable(model)
+    return model, HFImageTransform(processor), tokenizer
+
+
+def save_hf_model(model, folder, *, image_size: int, tokenizer=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Path:
+    """Write a transformers model with an image processor (and a tokenizer when given) into `folder`, loadable with
+    ``load_model(folder)``: how tests and users package a converted or randomly initialised model."""
+    import transformers
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    siglip = type(model).__name__.startswith("Siglip")
+    proc_cls = transformers.SiglipImageProcessor if siglip else transformers.CLIPImageProcessor
+    kw = dict(size={"height": image_size, "width": image_size}) if siglip else dict(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    proc_cls(image_mean=list(mean), image_std=list(std), **kw).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
