@@ -115,7 +115,10 @@ def main() -> None:
     for mode, label in zip(MODES, ("encode_image", "decompose(spatial=F)", "decompose(spatial=T)")):
         print(f"{label:<22}{ips[mode]:>10.2f}{ips[mode] / ips['plain']:>8.3f}{mem[mode]['peak_mb']:>13.0f}"
               f"{mem[mode]['peak_mb'] / mem['plain']['peak_mb']:>10.3f}{mem[mode]['output_mb']:>11.1f}")
-    print(f"throughput ratio non-spatial: {ips['nonspatial'] / ips['plain']:.3f} (goal >= 0.7)")
+    from textspan import model_info
+
+    goal = 0.9 if model_info(model).pooling == "attention" else 0.7  # the SigLIP row's goal (model-families issue)
+    print(f"throughput ratio non-spatial: {ips['nonspatial'] / ips['plain']:.3f} (goal >= {goal})")
     print(f"throughput ratio spatial: {ips['spatial'] / ips['plain']:.3f} (goal >= 0.5)")
     print(f"peak memory ratio spatial/plain: {mem['spatial']['peak_mb'] / mem['plain']['peak_mb']:.3f} (goal <= 1.5)")
     print(f"(model loaded: {mem['plain']['after_load_mb']:.0f} MB RSS before any forward)")

@@ -406,64 +406,74 @@ def _decompose_pooled(tower: Tower, images: torch.Tensor, spatial: bool) -> Deco
     vals = pool.values(xn)  # [b, G, N, dg]
     y = pool.head_out(a, vals)
     mlp_term = pool.mlp_term(y)
-    e = (y + mlp_term) @ proj
+    e = (y + mlp_term) @ proj if tower.projection is not None else y + mlp_term
     norm = e.norm(dim=-1)
     inv = 1.0 / norm  # [b]
 
-    # F_g: [G, d_model, d_embed], d_model-side input of the value path (gamma folded), to the embedding
+    # F_g = Vg[g] @ Bg[g]: Vg [G, d_model, dg] the value path (gamma folded), Bg [G, dg, d_embed] out_proj's slice
+    # of head g then the projection. Kept factored (rank dg): never a [G, d_model, d_embed] product.
     w_out_g = pool.w_out.t().reshape(G, dg, d_model).to(dt)  # rows of W_out^T per head
     w_v_g = pool.w_v.reshape(G, dg, d_model).to(dt)
-    Fg = (gamma[None, :, None] * w_v_g.transpose(1, 2)) @ (w_out_g @ proj)  # [G, d_model, d_embed]
+    Vg = (gamma[None, :, None] * w_v_g.transpose(1, 2)).contiguous()  # [G, d_model, dg]
+    Bg = (w_out_g @ proj if tower.projection is not None else w_out_g).contiguous()  # [G, dg, d_embed]
+    d_embed = Bg.shape[-1]
     w = a / sigma[:, None, :]  # [b, G, N]
     s_g = w.sum(dim=-1)  # [b, G]
 
-    def through(u):  # u [b, G, ..., d_model] centred inputs -> [b, ..., d_embed], summed over g
-        return torch.einsum("bg...d,gde->b...e", u, Fg)
+    def through(u):  # u [b, G, d_model]: centred inputs per pool head -> [b, d_embed], summed over g
+        return torch.einsum("bgc,gce->be", torch.einsum("bgd,gdc->bgc", u, Vg), Bg)
 
     def token_term(c):  # c [b, N, d_model] a residual-stream term at every token -> [b, d_embed]
         return through(_center(torch.einsum("bgn,bnd->bgd", w, c)))
 
-    mlps = torch.empty(b, L + 2, proj.shape[1], dtype=dt, device=dev)
+    mlps = torch.empty(b, L + 2, d_embed, dtype=dt, device=dev)
     mlps[:, 0] = token_term(embed)
-    heads = torch.empty((b, L, N, H, proj.shape[1]) if spatial else (b, L, H, proj.shape[1]), dtype=dt, device=dev)
+    heads = torch.empty((b, L, N, H, d_embed) if spatial else (b, L, H, d_embed), dtype=dt, device=dev)
     for l, block in enumerate(blocks):
         g1 = block.scale_attn_gamma
         ls1 = g1.to(dt) if g1 is not None else torch.ones(d_model, dtype=dt, device=dev)
-        w_o = block.w_out.t().reshape(H, dh, d_model).to(dt) * ls1  # [H, dh, d_model], layer scale folded
+        w_o = (block.w_out.t().reshape(H, dh, d_model).to(dt) * ls1).contiguous()  # [H, dh, d_model], layer scale
         if block.head_gain is not None:
             w_o = w_o * block.head_gain.reshape(H, 1, 1)
+        w_o = _center(w_o)  # centring is linear: fold it into W_O
         if block.b_out is not None:  # out_proj's bias reaches every token: spread evenly over the heads (and tokens)
             bias_term = through(_center(block.b_out.to(dt) * ls1)[None, None] * s_g[..., None]) / H  # [b, d_embed]
         else:
-            bias_term = torch.zeros(b, proj.shape[1], dtype=dt, device=dev)
+            bias_term = torch.zeros(b, d_embed, dtype=dt, device=dev)
         if spatial:
+            A = torch.einsum("hkd,gdc->ghkc", w_o, Vg)  # [G, H, dh, dg]: head h's output into pool head g's values
             probs, v = traces[l]  # [b, H, N, N], [b, H, N, dh]
             beta_w = torch.einsum("bgm,bhmn->bghn", w, probs)  # weight of source token n per pool head g
-            for h in range(H):  # one head at a time: [b, G, N, d_model] at most
-                u = _center((beta_w[:, :, h, :, None] * v[:, None, h]) @ w_o[h])  # [b, G, N, d_model]
-                heads[:, l, :, h] = through(u) + bias_term[:, None] / N
+            Y = torch.einsum("bhnk,ghkc->bhngc", v, A) * beta_w.permute(0, 2, 3, 1).unsqueeze(-1)
+            heads[:, l] = torch.einsum("bhngc,gce->bnhe", Y, Bg) + bias_term[:, None, None] / N
         else:
             o = heads_out[l].reshape(b, N, H, dh)
             r = torch.einsum("bgn,bnhd->bghd", w, o)  # [b, G, H, dh]
-            u = _center(torch.einsum("bghd,hdm->bghm", r, w_o))  # [b, G, H, d_model]
-            heads[:, l] = through(u) + bias_term[:, None]
+            # explicit batched products (einsum would re-lay the weights out on every call)
+            u = torch.bmm(r.permute(2, 0, 1, 3).reshape(H, b * G, dh), w_o)  # [H, b*G, d_model]
+            u = u.view(H, b, G, d_model).permute(2, 1, 0, 3).reshape(G, b * H, d_model)
+            t = torch.bmm(torch.bmm(u, Vg), Bg).sum(dim=0)  # [b*H, d_embed]
+            heads[:, l] = t.view(b, H, d_embed) + bias_term[:, None]
         mlps[:, l + 1] = token_term(mlp_out[l])
     # the pooling head's own terms: every constant and its MLP
-    const = (beta @ (w_v_g.transpose(1, 2) @ w_out_g).sum(dim=0))  # [d_model]: beta through each head's value path
+    const = torch.einsum("d,gdc,gcm->m", beta, w_v_g.transpose(1, 2), w_out_g)  # beta through each value path
     if pool.b_v is not None:
         const = const + F.linear(pool.b_v.to(dt), pool.w_out.to(dt))
     out_bias = pool.b_out.to(dt) if pool.b_out is not None else torch.zeros(d_model, dtype=dt, device=dev)
-    mlps[:, L + 1] = ((const + out_bias) @ proj)[None] + mlp_term @ proj
+    to_e = (lambda t: t @ proj) if tower.projection is not None else (lambda t: t)
+    mlps[:, L + 1] = to_e(const + out_bias)[None] + to_e(mlp_term)
     heads.mul_(inv.view(b, *([1] * (heads.ndim - 1))))
     mlps.mul_(inv[:, None, None])
 
     # the published pooling-level split: a[g, m] W_out[:, g] v[g, m] per pooling head and token
-    per = torch.einsum("bgnk,gkd->bgnd", a.unsqueeze(-1) * vals, w_out_g) @ proj  # [b, G, N, d_embed]
-    pool_heads = per if spatial else per.sum(dim=2)
+    if spatial:
+        pool_heads = to_e(torch.einsum("bgnk,gkd->bgnd", a.unsqueeze(-1) * vals, w_out_g))  # [b, G, N, d_embed]
+    else:
+        pool_heads = to_e(torch.einsum("bgk,gkd->bgd", (a.unsqueeze(-1) * vals).sum(dim=2), w_out_g))
     return Decomposition(
         heads=heads, mlps=mlps, cls_to_cls=None, norm=norm, embedding=e * inv[:, None], ln_mean=mu, ln_std=sigma,
         spatial=spatial, grid_size=tuple(tower.grid_size), pool_heads=pool_heads * inv.view(b, 1, *([1] * (pool_heads.ndim - 2))),
-        pool_mlp=(mlp_term @ proj) * inv[:, None], pool_out_bias=(out_bias @ proj)[None] * inv[:, None])
+        pool_mlp=to_e(mlp_term) * inv[:, None], pool_out_bias=to_e(out_bias)[None] * inv[:, None])
 
 
 def cls_attention(model, images: torch.Tensor) -> torch.Tensor:
