@@ -160,7 +160,7 @@ def test_heatmaps_on_attention_pooled_tower():
     assert maps.shape == (2, 3, 4, 4)
     assert (maps.flatten(2).sum(-1) - torch.einsum("blnhe,ke->bk", d.heads, T)).abs().max() < 1e-12
     with pytest.raises(textspan.UnsupportedModelError, match="attention"):
-        textspan.explain(m, x, T, method="legrad")
+        textspan.explain(m, x, T, method="gradeclip")
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +219,107 @@ def test_refusals_name_the_reason():
     m = open_clip.create_model("coca_ViT-B-32")
     with pytest.raises(textspan.UnsupportedModelError, match="attentional pooling"):
         textspan.model_info(m)
+
+
+# ---- explainers on attention-pooled towers -------------------------------------------------------------------------
+
+POOLED = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer")
+
+
+@pytest.mark.parametrize("method", POOLED)
+def test_pooled_methods_contract(method):
+    m = open_clip_siglip(seed=5)
+    for i, p in enumerate(m.parameters()):
+        p.requires_grad_(i % 2 == 0)
+    flags = [p.requires_grad for p in m.parameters()]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = _images(3, dtype=torch.float32)
+    T = F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    before = m.encode_image(x).detach()
+    maps = textspan.explain(m, x, T, method=method)
+    assert maps.shape == (3, 3, 4, 4) and torch.isfinite(maps).all() and not maps.requires_grad
+    assert torch.equal(m.encode_image(x).detach(), before)
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    assert flags == [p.requires_grad for p in m.parameters()]
+    assert torch.equal(textspan.explain(m, x, T, method=method), maps)
+    for b in range(3):
+        for p in range(3):
+            if method == "decomposition":
+                one = textspan.explain(m, x[b:b + 1], T, method=method)[:, p:p + 1]
+            else:
+                one = textspan.explain(m, x[b:b + 1], T[p:p + 1], method=method)
+            assert torch.allclose(one[0, 0], maps[b, p], atol=1e-5, rtol=1e-4), (b, p)
+
+
+def test_gradeclip_refuses_attention_pooled_towers_with_the_reason():
+    m = hf_siglip()
+    with pytest.raises(textspan.UnsupportedModelError, match="CLS token.*legrad"):
+        textspan.explain(m, _images(1, dtype=torch.float32), torch.randn(2, 32), method="gradeclip")
+
+
+def _hf_attentions(m, x):
+    """Per block attention maps [b, H, N, N] and the pooling head's probe attention [b, G, N], from transformers.
+    (The maps come from its eager attention, which takes the softmax in float32: they agree to ~1e-7.)"""
+    with torch.no_grad():
+        last = m.vision_model(pixel_values=x).last_hidden_state
+        head = m.vision_model.head
+        probe = head.probe.repeat(x.shape[0], 1, 1)
+        _, pool = head.attention(probe, last, last, need_weights=True, average_attn_weights=False)
+    m.config.vision_config._attn_implementation = "eager"
+    for layer in m.vision_model.encoder.layers:
+        layer.self_attn.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = m.vision_model(pixel_values=x, output_attentions=True)
+    return out.attentions, pool[:, :, 0]
+
+
+def test_pooled_raw_attention_and_rollout_from_transformers():
+    m = hf_siglip().double()
+    x = _images(2)
+    attentions, pool = _hf_attentions(m, x)
+    T = F.normalize(torch.randn(2, 32, dtype=torch.float64), dim=-1)
+    raw = textspan.explain(m, x, T, method="raw_attention")
+    assert (raw[:, 0].flatten(1) - pool.mean(dim=1)).abs().max() < 1e-12
+    R = None
+    for A in attentions:
+        A = A.mean(dim=1) + torch.eye(A.shape[-1], dtype=A.dtype)
+        A = A / A.sum(dim=-1, keepdim=True)
+        R = A if R is None else A @ R
+    ref = (pool.mean(dim=1)[:, None] @ R)[:, 0]
+    roll = textspan.explain(m, x, T, method="rollout")
+    assert (roll[:, 1].flatten(1) - ref).abs().max() < 1e-6  # transformers' eager softmax is float32
+
+
+def test_pooled_legrad_matches_autograd_on_the_timm_module():
+    """The published SigLIP LeGrad, written here on timm's own modules: for each of the last two blocks, the pooling
+    head on that block's output (no final norm), gradient of <t, normalised pooled> with respect to the probe's
+    attention probabilities, ReLU, mean over the pooling heads; summed over the blocks."""
+    m = open_clip_siglip(seed=2).double()
+    trunk = m.visual.trunk
+    pool = trunk.attn_pool
+    x = _images(2)
+    T = F.normalize(torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4)), dim=-1)
+    with torch.no_grad():
+        h = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(x)))
+        feats = []
+        for blk in trunk.blocks:
+            h = blk(h)
+            feats.append(h)
+    total = 0
+    for feat in feats[-2:]:
+        B, N, C = feat.shape
+        G, dg = pool.num_heads, pool.head_dim
+        q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, 1, G, dg).transpose(1, 2)
+        k, v = pool.kv(feat).reshape(B, N, 2, G, dg).permute(2, 0, 3, 1, 4).unbind(0)
+        probs = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach().requires_grad_(True)
+        o = (probs @ v).transpose(1, 2).reshape(B, 1, C)
+        o = pool.proj(o)
+        o = o + pool.mlp(pool.norm(o))
+        e = F.normalize(o[:, 0], dim=-1)
+        rel = []
+        for t in T:
+            g, = torch.autograd.grad((e @ t).sum(), probs, retain_graph=True)
+            rel.append(g.clamp(min=0).mean(dim=1)[:, 0])  # [B, N]
+        total = total + torch.stack(rel, dim=1)
+    ours = textspan.explain(m, x, T, method="legrad")
+    assert (ours.flatten(2) - total).abs().max() < 1e-10

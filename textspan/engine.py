@@ -371,6 +371,20 @@ class Tower:
         e = self.pool_head.forward(self.norm_final(x))
         return e @ self.projection if self.projection is not None else e
 
+    def attention_pooled(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None, normed: bool = True,
+                         probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[b, d_embed] unnormalised: the pooling head (and projection) on the token stream x [b, N, d_model], after
+        the final per-token norm unless ``normed=False``; `delta` ([b, G, N]) is added to the probe's attention (a
+        gradient with respect to it is the gradient with respect to those probabilities); `probs` replaces them."""
+        pool = self.pool_head
+        xn = self.norm_final(x) if normed else x
+        a = pool.probs(xn) if probs is None else probs
+        if delta is not None:
+            a = a + delta
+        y = pool.head_out(a, pool.values(xn))
+        e = y + pool.mlp_term(y)
+        return e @ self.projection if self.projection is not None else e
+
     def require_cls(self, what: str) -> None:
         """Refuse a computation defined through the CLS token on an attention-pooled tower."""
         if self.pool_head is not None:

@@ -37,15 +37,19 @@ def untouched(model):
             m.training = t
 
 
+# methods defined on attention-pooled towers (SigLIP): see each method's docstring for its pooled variant
+POOLED_METHODS = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer")
+
+
 def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> tuple:
     """(tower, images on the model's device/dtype, text embeddings [P, d_embed] likewise), checked."""
     tower = read_tower(model)
     like = tower.weight
     tower.check_images(images, any_size=True)
-    if tower.pool_head is not None and method != "decomposition":
+    if tower.pool_head is not None and method not in POOLED_METHODS:
         raise UnsupportedModelError(
-            f"method {method!r} follows the CLS token, and this {tower.family} image tower has none (it pools with "
-            f"attention); on attention-pooled towers only method='decomposition' runs so far")
+            f"method {method!r} is defined through the CLS token, and this {tower.family} image tower has none (it "
+            f"pools with attention); on attention-pooled towers these run: {', '.join(POOLED_METHODS)}")
     T = torch.as_tensor(text_embeddings).to(device=like.device, dtype=like.dtype)
     if T.ndim == 1:
         T = T[None]
@@ -104,8 +108,17 @@ def prompt_cotangents(T: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def patch_columns(values: torch.Tensor, grid) -> torch.Tensor:
-    """[..., N] per-token values (CLS first) -> [..., gh, gw] over the patch grid."""
-    return values[..., 1:].reshape(*values.shape[:-1], *grid)
+    """[..., N] per-token values (the CLS token first, when there is one) -> [..., gh, gw] over the patch grid."""
+    return values[..., values.shape[-1] - grid[0] * grid[1]:].reshape(*values.shape[:-1], *grid)
+
+
+def final_stream(tower: Tower, images: torch.Tensor) -> torch.Tensor:
+    """[b, N, d_model]: the residual stream after the last block (no autograd)."""
+    with torch.no_grad():
+        x = tower.embed(images)
+        for block in tower.blocks:
+            x = block.fast(x)
+    return x
 
 
 def parse_layer_option(layers, n_layers: int, default: Sequence[int]) -> List[int]:

@@ -4,7 +4,8 @@ the image-text cosine; the map is R's CLS row over the patches.
 
 dS/dA_l is the full derivative through every later block (attention included): the forward adds a zero tensor to
 each block's probabilities and the gradients are taken with respect to those, for all prompts in one batched
-backward (chunked over prompts to bound memory)."""
+backward (chunked over prompts to bound memory). Attention-pooled towers (SigLIP): the row is the pooling head's
+mean_heads(ReLU(dS/da * a)) (a: its probe attention, differentiated like the blocks') times R."""
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,11 @@ def chefer(tower, images, T, start_layer: int = 0):
         N = x0.shape[1]
         H = tower.n_heads
         zeros = tuple(torch.zeros(b, H, N, N, dtype=x0.dtype, device=x0.device) for _ in range(start, L))
+        pooled = tower.pool_head is not None
+        if pooled:
+            zeros = zeros + (torch.zeros(b, tower.pool_head.n_heads, N, dtype=x0.dtype, device=x0.device),)
     probs = []
+    pool_probs = []
 
     def embedding(*deltas):
         x = x0
@@ -35,6 +40,10 @@ def chefer(tower, images, T, start_layer: int = 0):
             t = block.forward(x, delta)
             probs.append(t.probs.detach())
             x = t.x_out
+        if pooled:
+            with torch.no_grad():
+                pool_probs.append(tower.pool_head.probs(tower.norm_final(x)).detach())
+            return torch.nn.functional.normalize(tower.attention_pooled(x, deltas[-1]), dim=-1)
         return tower.pooled_embedding(x[:, 0])
 
     _, vjp_fn = torch.func.vjp(embedding, *zeros)
@@ -49,5 +58,9 @@ def chefer(tower, images, T, start_layer: int = 0):
             for A, g in zip(probs, grads):
                 cam = (g * A).clamp(min=0).mean(dim=2)  # [p, b, N, N]
                 R = R + cam @ R
-            out[:, s:s + step] = R[:, :, 0].transpose(0, 1)
+            if pooled:  # the probe's row: [p, b, N] @ R
+                cam = (grads[-1] * pool_probs[0]).clamp(min=0).mean(dim=2)
+                out[:, s:s + step] = (cam[:, :, None] @ R)[:, :, 0].transpose(0, 1)
+            else:
+                out[:, s:s + step] = R[:, :, 0].transpose(0, 1)
     return patch_columns(out, tower.grid_of(images))

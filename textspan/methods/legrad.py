@@ -7,10 +7,13 @@ averaged over heads and over all query rows, CLS key column dropped; summed over
 Since s_l depends on A_l only through block l's attention output, d s_l / d A_l[h, i, j] = <g_i W_O,h, v_h[j]>, with
 g_i = d s_l / d(attention output at token i) (after ls_1). g comes from one batched vector-Jacobian product through
 block l's MLP and the pooling for all prompts at once; nothing is recomputed per prompt and no image is repeated.
+Attention-pooled towers (SigLIP): the published SigLIP variant, see `_pooled_relevance` (its optional "correction"
+with the embedding of an empty prompt is not applied).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import register
 from ._vit import batched_vjp, parse_layer_option, patch_columns, prompt_cotangents, trace
@@ -31,7 +34,10 @@ def legrad(tower, images, T, layers=None):
     total = None
     for l in chosen:
         t, block = traces[l], blocks[l]
-        relevance = _layer_relevance(tower, block, t, T)  # [b, P, N]
+        if tower.pool_head is not None:
+            relevance = _pooled_relevance(tower, t.x_out, T)
+        else:
+            relevance = _layer_relevance(tower, block, t, T)  # [b, P, N]
         total = relevance if total is None else total + relevance
     return patch_columns(total, grid)
 
@@ -61,6 +67,24 @@ def _layer_relevance(tower, block, t, T) -> torch.Tensor:
         grad_a = g @ t.v.transpose(-1, -2).unsqueeze(0)  # [p, b, H, N(query), N(key)]
         out[:, s:s + step] = grad_a.clamp_(min=0).mean(dim=(2, 3)).transpose(0, 1)
     return out
+
+
+def _pooled_relevance(tower, x, T) -> torch.Tensor:
+    """[b, P, N]: LeGrad on an attention-pooled tower (the published SigLIP variant): the pooling head applied to block
+    l's output tokens as they are (no final norm, as the published code does), s_l = <t, normalise(pooled)>, and
+    ReLU(d s_l / d a) for the probe's attention a [G, N], averaged over the pooling heads."""
+    b, N = x.shape[:2]
+    G = tower.pool_head.n_heads
+    x = x.detach()
+    with torch.no_grad():
+        a = tower.pool_head.probs(x)
+
+    def feature(delta):
+        return F.normalize(tower.attention_pooled(x, delta, normed=False, probs=a), dim=-1)
+
+    zero = torch.zeros(b, G, N, dtype=x.dtype, device=x.device)
+    grads = batched_vjp(feature, zero, prompt_cotangents(T, b))  # [P, b, G, N]
+    return grads.clamp(min=0).mean(dim=2).transpose(0, 1)
 
 
 def _gamma(g, like):

@@ -1,6 +1,7 @@
 """Attention rollout (Abnar and Zuidema 2020): per block, the head-averaged attention plus the identity, rows
 renormalised; multiplied through the blocks (R = A_L ... A_s); the map is R's CLS row over the patches. Prompt-
-independent: the same map for every prompt."""
+independent: the same map for every prompt. Attention-pooled towers (SigLIP): the row is the pooling head's probe
+attention (averaged over its heads) times R."""
 from __future__ import annotations
 
 import torch
@@ -23,5 +24,10 @@ def rollout(tower, images, T, start_layer: int = 0):
                 A = A / A.sum(dim=-1, keepdim=True)
                 R = A if R is None else A @ R
             x = t.x_out
-    maps = patch_columns(R[:, 0], tower.grid_of(images))
+        if tower.pool_head is not None:
+            probe = tower.pool_head.probs(tower.norm_final(x)).mean(dim=1)  # [b, N]
+            row = (probe[:, None] @ R)[:, 0]
+        else:
+            row = R[:, 0]
+    maps = patch_columns(row, tower.grid_of(images))
     return maps[:, None].expand(-1, T.shape[0], -1, -1).contiguous()
