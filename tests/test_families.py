@@ -196,6 +196,29 @@ def test_load_local_folder_and_jobs(siglip_folder, tmp_path):
     assert "cls_to_cls" not in abl.results and len(abl.results["single_heads"]) == 3
     labels = textspan.label_cache(tmp_path / "cache", tmp_path / "labels", bank="shapes", n_texts=2, layers="all", rank=8)
     assert len(labels.results) == 12
+    pool = textspan.label_cache(tmp_path / "cache", tmp_path / "pool_labels", bank="shapes", n_texts=2, rank=8,
+                                pool_heads=True)
+    assert sorted(pool.results) == [(3, g) for g in range(4)]  # layer L: one past the trunk
+    assert (tmp_path / "pool_labels" / "heads.csv").read_text().splitlines()[1].startswith("L3H0,3,0,")
+    textspan.cache_images(world / "images", tmp_path / "clip_cache", "shapes", batch_size=8)
+    with pytest.raises(textspan.BadInputError, match="attention-pooled"):
+        textspan.label_cache(tmp_path / "clip_cache", None, bank="shapes", pool_heads=True, n_texts=2)
+
+
+
+def test_pool_head_maps_sum_to_the_published_terms():
+    m = hf_siglip().double()
+    x = _images(2)
+    T = F.normalize(torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    maps = textspan.pool_head_maps(m, x, T, relative=False)  # [b, G, k, gh, gw]
+    d = textspan.decompose(m, x, spatial=True)
+    assert maps.shape == (2, 4, 3, 4, 4)
+    ref = torch.einsum("bgne,ke->bgkn", d.pool_heads, T)
+    assert (maps.flatten(3) - ref).abs().max() < 1e-12
+    total = maps.sum(dim=(1, 3, 4)) + (d.pool_mlp + d.pool_out_bias) @ T.T
+    assert (total - d.embedding @ T.T).abs().max() < 1e-12
+    with pytest.raises(textspan.BadInputError, match="attention-pooled"):
+        textspan.pool_head_maps(hf_clip(), x.float(), torch.randn(2, 24))
 
 
 def test_logit_scale_and_bias():

@@ -27,7 +27,7 @@ from .names import head_mask, head_name, parse_heads, parse_layers  # noqa: E402
 from .cache import HeadCache, build_cache  # noqa: E402
 from .datasets import ImageList  # noqa: E402
 from .decomposition import Decomposition, Projection, decompose, forward_image, project  # noqa: E402
-from .heatmaps import heatmaps  # noqa: E402
+from .heatmaps import heatmaps, pool_head_maps  # noqa: E402
 from .methods import explain, get_method, list_methods, upsample_maps  # noqa: E402
 from .debias import DebiasedClassifier  # noqa: E402
 from .span import TextSpanResult, label_heads, text_span  # noqa: E402
@@ -77,7 +77,7 @@ __all__ = [
     "parse_layers", "CacheMismatchError", "Decomposition", "HeadCache", "ImageList", "ModelInfo", "UnsupportedModelError",
     "WeightsUnavailableError", "build_cache", "check_decomposable", "decompose", "fingerprint", "forward_image",
     "load_model", "model_info", "TextSpanResult", "label_heads", "text_span", "TextBank", "bank_embeddings",
-    "encode_texts", "build_classifier", "Projection", "project", "heatmaps", "DebiasedClassifier",
+    "encode_texts", "build_classifier", "Projection", "project", "heatmaps", "pool_head_maps", "DebiasedClassifier",
     "explain", "get_method", "list_methods", "upsample_maps", "RunFolder", "read_image",
     # jobs: whole analyses with their command's guarantees (textspan.jobs, textspan.image_jobs)
     "AblationResult", "CompletenessResult", "DebiasResult", "DecomposeSummary", "HeadLabels", "Retrieval",

@@ -158,18 +158,20 @@ _BANK = options(click.option("--bank", default=None, help="text bank file or bui
 @click.option("--n-texts", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--layers", default="-4:", show_default=True, help="layers to label: '-4:', '0,5,-1', 'all'.")
 @click.option("--rank", default=80, show_default=True, type=click.IntRange(min=1))
+@click.option("--pool-heads", is_flag=True, help="label the pooling heads of an attention-pooled (SigLIP) cache instead "
+              "(written as layer L, one past the trunk: L{L}H{g}).")
 @cache_model_options
 @run_options
-def label_heads_cmd(cache_dir, bank, text_embeddings, n_texts, layers, rank, model_name, pretrained, device, output,
-                    overwrite, quiet):
+def label_heads_cmd(cache_dir, bank, text_embeddings, n_texts, layers, rank, pool_heads, model_name, pretrained, device,
+                    output, overwrite, quiet):
     """Label every head of the chosen layers with TextSpan -> heads.csv, heads.json, heads.md."""
     from .jobs import label_cache
 
     if not bank and not text_embeddings:
         raise click.ClickException("give --bank or --text-embeddings")
     labels = label_cache(cache_dir, output, bank=bank, text_embeddings=text_embeddings, n_texts=n_texts,
-                         layers=layers, rank=rank, model=model_name, pretrained=pretrained, device=device,
-                         overwrite=overwrite, quiet=quiet)
+                         layers=layers, rank=rank, pool_heads=pool_heads, model=model_name, pretrained=pretrained,
+                         device=device, overwrite=overwrite, quiet=quiet)
     click.echo(f"{len(labels.results)} heads labelled -> {output}/heads.md")
 
 
@@ -351,8 +353,8 @@ def perturb_eval(images, model_name, pretrained, device, classifier, classes, te
 
 @main.command()
 @_IMAGES
-@click.option("--methods", default="decomposition,legrad,gradeclip,gradcam,rollout,raw_attention,chefer",
-              show_default=True, help="comma-separated explainers (textspan.list_methods()).")
+@click.option("--methods", default=None, help="comma-separated explainers (default: every method of "
+              "textspan.list_methods() defined on the model's tower).")
 @click.option("--prompts", "-p", multiple=True, required=True, help="a prompt (repeat for several).")
 @model_options
 @run_options
@@ -360,10 +362,10 @@ def compare(images, methods, prompts, model_name, pretrained, device, output, ov
     """Every explainer on the same images and prompts -> compare.png, maps_<method>.npy, times.json."""
     from .image_jobs import compare_methods
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     res = compare_methods(images, prompts, output, model_name, pretrained, methods=names, device=device,
                           overwrite=overwrite)
-    click.echo("  ".join(f"{m} {res.seconds[m]:.2f}s" for m in names) + f"\nwritten to {output}")
+    click.echo("  ".join(f"{m} {s:.2f}s" for m, s in res.seconds.items()) + f"\nwritten to {output}")
 
 
 @main.command()

@@ -476,6 +476,32 @@ def _decompose_pooled(tower: Tower, images: torch.Tensor, spatial: bool) -> Deco
         pool_mlp=to_e(mlp_term) * inv[:, None], pool_out_bias=to_e(out_bias)[None] * inv[:, None])
 
 
+def pool_projection(model, images: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """[b, G, N, k]: an attention-pooled tower's published pooling-level terms (per pooling head g and token m,
+    a[g, m] W_out[:, g] (W_v[g] xn_m + b_v[g]), divided by ||e||) dotted with `directions` [k, d_embed]; one plain
+    forward and one small product, never the [b, G, N, d'] terms."""
+    tower = read_tower(model)
+    if tower.pool_head is None:
+        raise BadInputError("pooling-head maps need an attention-pooled tower (SigLIP); this one pools at a CLS token")
+    like = tower.weight
+    T = torch.as_tensor(directions).to(device=like.device, dtype=like.dtype)
+    T = T[None] if T.ndim == 1 else T
+    if T.ndim != 2 or T.shape[1] != tower.d_embed:
+        raise BadInputError(f"directions must be [k, {tower.d_embed}]; got {tuple(T.shape)}")
+    tower.check_images(images)
+    pool = tower.pool_head
+    G, dg = pool.n_heads, pool.d_head
+    with torch.no_grad():
+        x = tower.final_stream(images)
+        xn = tower.norm_final(x)
+        a, vals = pool.probs(xn), pool.values(xn)
+        e = tower.attention_pooled(x)
+        to_k = pool.w_out.t().reshape(G, dg, -1)  # [G, dg, d_model]
+        to_k = to_k @ (tower.projection @ T.t() if tower.projection is not None else T.t())  # [G, dg, k]
+        out = torch.einsum("bgn,bgnc,gck->bgnk", a, vals, to_k)
+        return out / e.norm(dim=-1)[:, None, None, None]
+
+
 def cls_attention(model, images: torch.Tensor) -> torch.Tensor:
     """[batch, layer, head, token]: the CLS query's attention weights of every block (rows sum to 1)."""
     rows = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .decomposition import project
+from .decomposition import pool_projection, project
 from .engine import read_tower
 from .errors import BadInputError
 from .names import HeadsArg, LayersArg
@@ -61,4 +61,19 @@ def patch_maps(projection, grid_size, relative: bool = True) -> torch.Tensor:
     maps = projection.tokens[:, -n_patch:].transpose(1, 2).reshape(b, k, *grid_size)
     if relative:
         maps = maps - maps.mean(dim=1, keepdim=True)
+    return maps
+
+
+def pool_head_maps(model, images: torch.Tensor, text_embeddings, relative: bool = True) -> torch.Tensor:
+    """[b, G, k, grid_h, grid_w]: per pooling head of an attention-pooled tower (SigLIP) and prompt, the published
+    pooling-level terms of each patch dotted with the prompt (relative: minus the mean over the prompts). Summed over
+    heads and patches, plus the pooling MLP's and out_proj bias's terms, they give the image-prompt cosine."""
+    T = torch.as_tensor(text_embeddings)
+    check_relative(relative, 1 if T.ndim == 1 else T.shape[0])
+    tower = read_tower(model)
+    p = pool_projection(tower, images, T)  # [b, G, N, k]
+    b, G, N, k = p.shape
+    maps = p.permute(0, 1, 3, 2).reshape(b, G, k, *tower.grid_size)
+    if relative:
+        maps = maps - maps.mean(dim=2, keepdim=True)
     return maps

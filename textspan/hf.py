@@ -34,6 +34,34 @@ class HFImageTransform:
     def __repr__(self) -> str:
         return f"HFImageTransform({type(self.processor).__name__})"
 
+    def mask_transform(self) -> Callable:
+        """The processor's geometric steps (resize, center crop) for a PIL mask, nearest-neighbour: so a mask stays
+        aligned with its image (used by the segmentation evaluation)."""
+        from PIL import Image
+
+        p = self.processor
+        size = getattr(p, "size", None) or {}
+        crop = getattr(p, "crop_size", None) or {}
+        resize = getattr(p, "do_resize", True)
+        center = getattr(p, "do_center_crop", False)
+
+        def apply(mask):
+            w, h = mask.size
+            if resize:
+                if "shortest_edge" in size:  # the short side to s, the long one scaled (truncated, as transformers)
+                    s = size["shortest_edge"]
+                    nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+                else:
+                    nw, nh = size["width"], size["height"]
+                mask = mask.resize((nw, nh), Image.NEAREST)
+            if center and crop:
+                w, h = mask.size
+                top, left = (h - crop["height"]) // 2, (w - crop["width"]) // 2
+                mask = mask.crop((left, top, left + crop["width"], top + crop["height"]))
+            return mask
+
+        return apply
+
 
 class HFTokenizer:
     """A list of texts -> the text tower's inputs (a ``BatchEncoding`` with ``.to(device)``)."""

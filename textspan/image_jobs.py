@@ -183,6 +183,10 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
     if unknown:
         raise BadInputError(f"unknown methods {unknown}; known: {', '.join(list_methods())}")
     loaded = resolve_model(model, pretrained, device)
+    if not methods and engine.read_tower(loaded.model).pool_head is not None:
+        from .methods._vit import POOLED_METHODS
+
+        names = [m for m in names if m in POOLED_METHODS]  # the methods defined on attention-pooled towers
     pil, x = _images(loaded, images)
     T = _texts(loaded, prompts)
     frames = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]

@@ -445,8 +445,8 @@ class HeadLabels:
 
 
 def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts: int = 20, layers="-4:",
-                rank: int = 80, model=None, pretrained=None, device=None, tokenizer=None, overwrite: bool = False,
-                quiet: bool = True) -> HeadLabels:
+                rank: int = 80, pool_heads: bool = False, model=None, pretrained=None, device=None, tokenizer=None,
+                overwrite: bool = False, quiet: bool = True) -> HeadLabels:
     """TextSpan labels for every head of the chosen layers of a cache (DESIGN.md section 4).
 
     Args:
@@ -455,6 +455,8 @@ def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts:
         bank: a text bank file or built-in name; text_embeddings: precomputed embeddings from `encode_bank`
             (checked against the cache's model and the bank).
         n_texts, layers, rank: texts per head, layers ("-4:", "0,3", "all"), the rank of the head's subspace.
+        pool_heads: label the pooling heads of an attention-pooled (SigLIP) cache instead of the trunk's (`layers`
+            is then ignored); they are keyed as layer L, one past the trunk's last layer (``L{L}H{g}``).
         model: the model for the text tower (default: the cache's own, from its manifest).
 
     Returns:
@@ -468,19 +470,29 @@ def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts:
     if text_embeddings is None:
         loaded = model_for_cache(c, model, pretrained, device, tokenizer=tokenizer)
     emb, tb = bank_and_embeddings(bank, text_embeddings, loaded, fp)
-    chosen = parse_layers(layers, c.manifest["n_layers"])
+    L = c.manifest["n_layers"]
+    if pool_heads:
+        if c.pool_heads is None:
+            raise BadInputError(f"{c.folder}: pool_heads=True (--pool-heads) needs a cache of an attention-pooled "
+                                f"tower (SigLIP); this cache's model pools at its CLS token")
+        chosen, source = [0], c.pool_heads[:, None]  # [n, 1, G, d']
+    else:
+        chosen, source = parse_layers(layers, L), c.heads
     if n_texts > len(tb):
         raise BadInputError(f"n_texts={n_texts} (--n-texts) is more than the {len(tb)} texts of the bank")
     run = _cache_run(output, "label-heads", overwrite, c) if output is not None else None
     with run if run is not None else _nothing():
-        results = label_heads(c.heads, emb, tb.texts, chosen, n_texts=n_texts, rank=rank, progress=not quiet)
+        results = label_heads(source, emb, tb.texts, chosen, n_texts=n_texts, rank=rank, progress=not quiet)
+        if pool_heads:
+            results = {(L, g): r for (_, g), r in results.items()}
         labels = HeadLabels(results, tb.source, rank, n_texts, c.manifest["model"], len(c), str(c.folder), fp,
                             tb.digest)
         if run is not None:
             labels.save(output)
             run.write_run_json(dict(cache=str(c.folder), bank=None if bank is None else str(bank),
                                     text_embeddings=None if text_embeddings is None else str(text_embeddings),
-                                    n_texts=n_texts, layers=layers, rank=rank), model_fingerprint=fp)
+                                    n_texts=n_texts, layers=layers, rank=rank, pool_heads=pool_heads),
+                                model_fingerprint=fp)
     return labels
 
 

@@ -23,6 +23,8 @@ def mask_transform(preprocess):
     nearest-neighbour resizing. Raises ValueError for preprocessing it cannot mirror."""
     from torchvision import transforms as T
 
+    if hasattr(preprocess, "mask_transform"):  # a transformers image processor (textspan.hf.HFImageTransform)
+        return preprocess.mask_transform()
     steps = getattr(preprocess, "transforms", None)
     if steps is None:
         # textspan's built-in preprocess: a plain resize of the whole image to the model's size
