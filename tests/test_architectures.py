@@ -43,10 +43,33 @@ def test_open_clip_vit_configs(name):
     torch.testing.assert_close(d.total(), e / e.norm(dim=-1, keepdim=True), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,reason", [("ViT-H-14-CLIPA", "average-pooled"), ("EVA02-B-16", "EVA")])
+@pytest.mark.parametrize("name,reason", [("EVA02-B-16", "EVA")])
 def test_other_kinds_are_refused(name, reason):
     with pytest.raises(UnsupportedModelError, match=reason):
-        model_info(_shallow(name)[0] if "EVA" not in name else open_clip.create_model(name))
+        model_info(open_clip.create_model(name))
+
+
+@pytest.mark.parametrize("name", ["ViT-H-14-CLIPA", "ViT-L-14-CLIPA"])
+def test_average_pooled_clipa_configs(name):
+    """CLIPA: no ln_pre, the mean of the patch tokens, then ln_post: exact by linearising ln_post on that mean."""
+    model, cfg = _shallow(name)
+    info = model_info(model)
+    assert info.family == "open_clip (average pool)"
+    v = cfg["vision_cfg"]
+    x = torch.randn(2, 3, v["image_size"], v["image_size"])
+    with torch.no_grad():
+        e = model.encode_image(x)
+    torch.testing.assert_close(forward_image(model, x), e, rtol=1e-5, atol=1e-5)
+    d = decompose(model, x, spatial=True)
+    torch.testing.assert_close(d.total(), e / e.norm(dim=-1, keepdim=True), rtol=0, atol=1e-5)
+    torch.testing.assert_close(d.heads.sum(dim=2), decompose(model, x, spatial=False).heads, rtol=0, atol=1e-6)
+    import textspan
+
+    T = torch.nn.functional.normalize(torch.randn(2, cfg["embed_dim"]), dim=-1)
+    maps = textspan.explain(model, x, T, method="decomposition")
+    assert maps.shape[:2] == (2, 2)
+    with pytest.raises(UnsupportedModelError, match="average pool"):
+        textspan.explain(model, x, T, method="legrad")
 
 
 def test_stock_siglip_config_is_read_and_decomposed():

@@ -112,7 +112,7 @@ def _run(tower: Tower, images: torch.Tensor, keep_values: bool, any_size: bool =
     x = tower.embed(tower.to_input(images))
     yield "embed", x
     for l, block in enumerate(tower.blocks):
-        x, state = block.forward_cls(x, keep_values)
+        x, state = block.forward_cls(x, keep_values, tower.query)
         yield "layer", l, state
     yield "out", x
 
@@ -129,7 +129,7 @@ def _post_params(tower: Tower, like: torch.Tensor):
 def _linearised_ln_post(tower: Tower, x_final, gamma, beta, proj, eps):
     """ln_post at CLS, frozen at the image's own statistics: (mu, sigma, e, ||e||, 1 / (sigma ||e||), offset), with
     e the unnormalised embedding and offset [batch, d_embed] the mean/beta part, (beta - gamma mu / sigma) @ P."""
-    r = x_final[:, 0]  # [batch, d_model]
+    r = tower.pooled_token(x_final)  # [batch, d_model]: the CLS token, or the patch tokens' mean (average pool)
     mu = r.mean(dim=-1)
     sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + eps)
     e = tower.pool(r)
@@ -238,7 +238,7 @@ def _project(tower: Tower, images, directions, heads_mask, any_size=False) -> Pr
     proj_t = proj @ T.t()  # [d_model, k]
     for item in _run(tower, images, keep_values=True, any_size=any_size):
         if item[0] == "embed":
-            mlps_raw += item[1][:, 0]
+            mlps_raw += tower.pooled_token(item[1])
         elif item[0] == "layer":
             l, st = item[1], item[2]
             # fold straight into the k directions: [H, d_head, k] and [k], never the [H, d_head, d_embed] fold
@@ -311,7 +311,7 @@ def _decompose(tower: Tower, images: torch.Tensor, spatial: bool) -> Decompositi
     x_final = None
     for item in _run(tower, images, keep_values=True):
         if item[0] == "embed":
-            mlps_raw[:, 0] = item[1][:, 0]
+            mlps_raw[:, 0] = tower.pooled_token(item[1])
         elif item[0] == "layer":
             l, st = item[1], item[2]
             fold, bias = _layer_fold(blocks[l], gamma, proj, like)

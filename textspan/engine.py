@@ -170,23 +170,32 @@ class Block:
         y = self.after_heads(x, heads_out)
         return BlockTrace(x_in=x, q=q, k=k, v=v, probs=probs, heads_out=heads_out, y=y, x_out=self.after_mlp(y))
 
-    def forward_cls(self, x: torch.Tensor, keep_values: bool = False) -> Tuple[torch.Tensor, ClsState]:
-        """The block with only the CLS query's attention row made explicit (fused attention for the rest, where the
-        block allows it): (x_out, `ClsState`)."""
+    def forward_cls(self, x: torch.Tensor, keep_values: bool = False,
+                    query: str = "cls") -> Tuple[torch.Tensor, ClsState]:
+        """The block with only the pooled query's attention row made explicit (fused attention for the rest, where
+        the block allows it): (x_out, `ClsState`). ``query="cls"``: the CLS token's row; ``"avg"``: the mean of the
+        patch tokens' rows (average-pooled towers, whose embedding reads the mean of the patch tokens)."""
         q, k, v = self.qkv(x)
         q, k = self._normed(q, k)
-        if self.cosine_scale is None:
-            out = F.scaled_dot_product_attention(q, k, v)  # [batch, head, token, d_head]
-            attn_cls = self._logits(q[:, :, :1], k).softmax(dim=-1).squeeze(2)  # [batch, head, token]
-        else:
+        if query == "avg":
             probs = self._logits(q, k).softmax(dim=-1)
             out = probs @ v
-            attn_cls = probs[:, :, 0]
-        o_cls = out[:, :, 0]
+            attn_cls = probs[:, :, 1:].mean(dim=2)  # [batch, head, token]: the patch queries' mean row
+            o_cls = out[:, :, 1:].mean(dim=2)
+        else:
+            if self.cosine_scale is None:
+                out = F.scaled_dot_product_attention(q, k, v)  # [batch, head, token, d_head]
+                attn_cls = self._logits(q[:, :, :1], k).softmax(dim=-1).squeeze(2)  # [batch, head, token]
+            else:
+                probs = self._logits(q, k).softmax(dim=-1)
+                out = probs @ v
+                attn_cls = probs[:, :, 0]
+            o_cls = out[:, :, 0]
         y = self.after_heads(x, self.merge_heads(out))
         mlp_out = self.mlp_out(y)
+        mlp_cls = mlp_out[:, 1:].mean(dim=1) if query == "avg" else mlp_out[:, 0]
         return y + mlp_out, ClsState(o_cls=o_cls, attn_cls=attn_cls, values=v if keep_values else None,
-                                     mlp_cls=mlp_out[:, 0])
+                                     mlp_cls=mlp_cls)
 
     def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block with fused attention, keeping what every token receives: (x_out, heads_out [b, N, d_model]
@@ -283,6 +292,11 @@ class Tower:
     activation: str
     pool_head: Optional[AttnPool] = None
     family: str = "open_clip"
+    query: str = "cls"  # the token the embedding reads: "cls", or "avg" (the mean of the patch tokens, e.g. CLIPA)
+
+    def pooled_token(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, d_model]: what the final norm reads from a token stream [b, N, d_model] (CLS-read towers)."""
+        return x[:, 1:].mean(dim=1) if self.query == "avg" else x[:, 0]
 
     @property
     def n_prefix(self) -> int:
@@ -367,7 +381,7 @@ class Tower:
     def pool_stream(self, x: torch.Tensor) -> torch.Tensor:
         """[b, d_embed]: the unnormalised embedding from the whole final residual stream [b, N, d_model]."""
         if self.pool_head is None:
-            return self.pool(x[:, 0])
+            return self.pool(self.pooled_token(x))
         e = self.pool_head.forward(self.norm_final(x))
         return e @ self.projection if self.projection is not None else e
 
@@ -440,11 +454,17 @@ def check_decomposable(model: torch.nn.Module) -> None:
             "token) is not supported: its contrastive embedding is one of 256 pooled latents, each attending over "
             "all tokens after a LayerNorm (ln_post before the pooler); textspan's attention-pooling reader covers "
             "one probe (SigLIP) only")
-    if getattr(visual, "pool_type", "tok") != "tok":
+    pool_type = getattr(visual, "pool_type", "tok")
+    if pool_type == "avg" and not getattr(visual, "final_ln_after_pool", False):
         raise UnsupportedModelError(
-            f"pool_type={visual.pool_type!r} (average-pooled towers such as CLIPA) is not supported: the "
-            f"decomposition follows the CLS token ('tok'); an average pool after ln_post would need ln_post "
-            f"linearised per token, which this reader does not do yet")
+            "pool_type='avg' with ln_post before the pool (final_ln_after_pool=False) is not supported: ln_post would "
+            "need linearising per token; average-pooled towers with ln_post after the pool (CLIPA) are")
+    if pool_type == "avg" and getattr(visual, "class_embedding", None) is None:
+        raise UnsupportedModelError("an average-pooled tower without a class token is not supported")
+    if pool_type not in ("tok", "avg"):
+        raise UnsupportedModelError(
+            f"pool_type={pool_type!r} is not supported: the decomposition reads the CLS token ('tok') or the mean of "
+            f"the patch tokens ('avg')")
     for i, block in enumerate(visual.transformer.resblocks):
         if isinstance(block, ResidualAttentionBlock):
             if hasattr(block, "ln_1_kv"):
@@ -533,6 +553,8 @@ def read_tower(model: torch.nn.Module) -> Tower:
         projection=visual.proj,
         dropout_prob=float(getattr(visual.patch_dropout, "prob", 0.0)) if visual.training else 0.0,
         activation=type(b0.mlp.gelu).__name__ if hasattr(b0.mlp, "gelu") else "?",
+        query="avg" if getattr(visual, "pool_type", "tok") == "avg" else "cls",
+        family="open_clip (average pool)" if getattr(visual, "pool_type", "tok") == "avg" else "open_clip",
     )
 
 

@@ -46,6 +46,10 @@ def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> t
     tower = read_tower(model)
     like = tower.weight
     tower.check_images(images, any_size=True)
+    if tower.query == "avg" and method != "decomposition":
+        raise UnsupportedModelError(
+            f"method {method!r} follows the CLS token, and this tower's embedding reads the mean of the patch tokens "
+            f"(average pool); on average-pooled towers only method='decomposition' runs")
     if tower.pool_head is not None and method not in POOLED_METHODS:
         raise UnsupportedModelError(
             f"method {method!r} is defined through the CLS token, and this {tower.family} image tower has none (it "
