@@ -346,3 +346,26 @@ def test_pooled_legrad_matches_autograd_on_the_timm_module():
         total = total + torch.stack(rel, dim=1)
     ours = textspan.explain(m, x, T, method="legrad")
     assert (ours.flatten(2) - total).abs().max() < 1e-10
+
+
+def test_transformers_vision_only_classes():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    for m in (CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=24, **kw)).eval().double(),
+              SiglipVisionModel(SiglipVisionConfig(**kw)).eval().double()):
+        x = _images(2)
+        e = F.normalize(engine.library_image_embedding(m, x), dim=-1).detach()
+        d = textspan.decompose(m, x, spatial=False)
+        assert (d.total() - e).abs().max() < 1e-12, type(m).__name__
+
+
+def test_transformers_siglip2_is_refused_with_the_reason():
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    m = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, patch_size=8, num_patches=16))
+    with pytest.raises(textspan.UnsupportedModelError, match="pre-patchified"):
+        textspan.model_info(m)

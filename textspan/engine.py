@@ -672,6 +672,11 @@ def _read_timm(visual) -> Tower:
 
 def _check_hf(vision) -> None:
     name = type(vision).__name__
+    if "Siglip2" in name:
+        raise UnsupportedModelError(
+            "transformers' SigLIP 2 (Siglip2Model) takes pre-patchified variable-resolution inputs (pixel_values as "
+            "[batch, patches, 3 * p * p] with spatial_shapes and a patch mask), not images; load SigLIP 2 through "
+            "open_clip instead (e.g. 'ViT-B-16-SigLIP2', its timm trunk), which textspan reads")
     if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")) \
             or not ("CLIP" in name or "Siglip" in name):
         raise UnsupportedModelError(
