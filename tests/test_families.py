@@ -194,6 +194,18 @@ def test_load_local_folder_and_jobs(siglip_folder, tmp_path):
     abl = textspan.ablate_cache(tmp_path / "cache", tmp_path / "abl", classes=["circle", "square", "triangle", "star",
                                                                       "cross"])
     assert "cls_to_cls" not in abl.results and len(abl.results["single_heads"]) == 3
+    textspan.write_shapes_waterbirds(tmp_path / "wb", 0, 16, 16)
+    textspan.cache_images(tmp_path / "wb", tmp_path / "wb_cache", str(siglip_folder), split="test", batch_size=8)
+    deb = textspan.debias_cache(tmp_path / "wb_cache", tmp_path / "deb", select="auto", n_heads=2)
+    assert (tmp_path / "deb" / "debiased_classifier.json").exists() and deb.report
+    seg = textspan.evaluate_segmentation(world, tmp_path / "seg", str(siglip_folder),
+                                         classes=["circle", "square", "triangle", "star", "cross"])
+    assert 0 <= seg["miou"] <= 100
+    imgs = sorted((world / "images").rglob("*.png"))[:2]
+    cmp = textspan.compare_methods(imgs, ["a circle", "a star"], tmp_path / "cmp", str(siglip_folder))
+    assert sorted(cmp.maps) == sorted(["decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer"])
+    hm = textspan.draw_heatmaps(imgs, tmp_path / "hm", ["a circle", "a star"], str(siglip_folder), heads="L2H1")
+    assert (tmp_path / "hm" / "maps.npy").exists() and hm is not None
     labels = textspan.label_cache(tmp_path / "cache", tmp_path / "labels", bank="shapes", n_texts=2, layers="all", rank=8)
     assert len(labels.results) == 12
     pool = textspan.label_cache(tmp_path / "cache", tmp_path / "pool_labels", bank="shapes", n_texts=2, rank=8,
@@ -221,11 +233,20 @@ def test_pool_head_maps_sum_to_the_published_terms():
         textspan.pool_head_maps(hf_clip(), x.float(), torch.randn(2, 24))
 
 
-def test_logit_scale_and_bias():
-    scale, bias = engine.logit_scale_and_bias(hf_siglip())
+def test_logit_scale_and_bias_and_probabilities():
+    from textspan.zeroshot import pair_probabilities
+
+    m = hf_siglip()
+    scale, bias = engine.logit_scale_and_bias(m)
     assert bias is not None and scale > 0
-    scale, bias = engine.logit_scale_and_bias(hf_clip())
-    assert bias is None
+    cos = np.array([[0.1, -0.2, 0.3]])
+    # transformers' own SigLIP scoring: logits_per_image = cos * exp(scale) + bias, then a sigmoid
+    ref = torch.sigmoid(torch.tensor(cos) * m.logit_scale.exp().item() + m.logit_bias.item()).numpy()
+    assert np.abs(pair_probabilities(m, cos) - ref).max() < 1e-12
+    c = hf_clip()
+    assert engine.logit_scale_and_bias(c)[1] is None
+    p = pair_probabilities(c, cos)
+    assert abs(p.sum() - 1) < 1e-12 and p.argmax() == cos.argmax()
 
 
 def test_offline_hub_name_fails_fast(monkeypatch):

@@ -52,3 +52,18 @@ def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
 def accuracy(embeddings: np.ndarray, classifier: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy in percent of (embeddings @ classifier) against integer labels (rows with label < 0 skipped)."""
     return accuracy_from_logits(np.asarray(embeddings) @ classifier, labels)
+
+
+def pair_probabilities(model, cosines) -> np.ndarray:
+    """The model's own probabilities from image-text cosines [n, C]: SigLIP (a model with a logit bias) scores each
+    pair on its own, sigmoid(exp(logit_scale) * cos + logit_bias); CLIP takes a softmax over the C texts of
+    exp(logit_scale) * cos. (Accuracies are the argmax of the cosines either way: invariant to both.)"""
+    from .engine import logit_scale_and_bias
+
+    scale, bias = logit_scale_and_bias(model)
+    z = scale * np.asarray(cosines, dtype=np.float64)
+    if bias is not None:
+        return 1.0 / (1.0 + np.exp(-(z + bias)))
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
