@@ -132,6 +132,34 @@ def test_gradcam_matches_autograd(model, images, prompts):
             assert torch.allclose(got[b, p].flatten(), want, atol=1e-12)
 
 
+def test_gradcam_pytorch_grad_cam_variant_matches_autograd(model, images, prompts):
+    """pytorch-grad-cam's ViT recipe: activations and gradients at the last block's ln_1 output, CLS dropped."""
+    got = explain(model, images, prompts, method="gradcam", variant="pytorch-grad-cam")
+    for b in range(images.shape[0]):
+        v_ = model.visual
+        blocks, _ = slow_forward(model, images[b])
+        x_in = blocks[-1]["x_in"].detach()
+        blk = v_.transformer.resblocks[-1]
+        a = blk.ln_1(x_in).detach().requires_grad_(True)
+        D = a.shape[-1]
+        H = blk.attn.num_heads
+        dh = D // H
+        qkv = a @ blk.attn.in_proj_weight.t() + blk.attn.in_proj_bias
+        q, k, v = qkv[:, :D], qkv[:, D:2 * D], qkv[:, 2 * D:]
+        A = torch.stack([torch.softmax(q[:, j * dh:(j + 1) * dh] @ k[:, j * dh:(j + 1) * dh].t() / dh ** 0.5, -1)
+                         for j in range(H)])
+        o = torch.cat([A[j] @ v[:, j * dh:(j + 1) * dh] for j in range(H)], dim=-1)
+        y = x_in + blk.ls_1(o @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias)
+        x_out = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
+        e = F.normalize(v_.ln_post(x_out[0]) @ v_.proj, dim=-1)
+        for p in range(prompts.shape[0]):
+            g = torch.autograd.grad(e @ prompts[p], a, retain_graph=True)[0]
+            want = F.relu((g[1:].mean(0) * a[1:]).sum(-1))
+            assert torch.allclose(got[b, p].flatten(), want, atol=1e-12)
+    with pytest.raises(ValueError, match="variant"):
+        explain(model, images, prompts, method="gradcam", variant="other")
+
+
 def model_attention(model, images):
     """[b, L, H, N, N] from the model's own nn.MultiheadAttention modules (need_weights)."""
     v_ = model.visual
@@ -169,13 +197,17 @@ def test_raw_attention_is_the_cls_row(model, images, prompts):
         assert torch.allclose(got[:, p].flatten(1), A[:, 0, 1:], atol=1e-12)
 
 
-@pytest.mark.parametrize("start_layer", [0, -1])
-def test_chefer_matches_autograd(model, images, prompts, start_layer):
-    got = explain(model, images, prompts, method="chefer", start_layer=start_layer)
+@pytest.mark.parametrize("start_layer,target", [(0, "cosine"), (-1, "cosine"), (0, "logit"), (-1, "logit"),
+                                                 (1, "logit")])
+def test_chefer_matches_autograd(model, images, prompts, start_layer, target):
+    got = explain(model, images, prompts, method="chefer", start_layer=start_layer, target=target)
+    if (start_layer, target) == (-1, "logit"):  # the published notebook's defaults
+        assert torch.equal(got, explain(model, images, prompts, method="chefer"))
+    scale = model.logit_scale.exp().item() if target == "logit" else 1.0
     for b in range(images.shape[0]):
         for p in range(prompts.shape[0]):
             blocks, e = slow_forward(model, images[b])
-            s = e @ prompts[p]
+            s = scale * (e @ prompts[p])
             N = blocks[0]["A"].shape[-1]
             R = torch.eye(N, dtype=torch.float64)
             for l, blk in enumerate(blocks):
@@ -184,7 +216,15 @@ def test_chefer_matches_autograd(model, images, prompts, start_layer):
                 g = torch.autograd.grad(s, blk["A"], retain_graph=True)[0]
                 cam = (g * blk["A"]).clamp(min=0).mean(0)
                 R = R + cam @ R
-            assert torch.allclose(got[b, p].flatten(), R[0, 1:], atol=1e-12), (b, p)
+            assert torch.allclose(got[b, p].flatten(), R[0, 1:], atol=1e-12 * float(scale) ** 2), (b, p)
+
+
+def test_chefer_logit_target_needs_the_whole_model(model, images, prompts):
+    with pytest.raises(ValueError, match="logit scale"):
+        explain(model.visual, images, prompts, method="chefer")
+    a = explain(model.visual, images, prompts, method="chefer", target="cosine")
+    b = explain(model, images, prompts, method="chefer")
+    assert torch.allclose(a * model.logit_scale.exp().item(), b, atol=1e-12)  # last block only: linear in the scale
 
 
 def test_decomposition_method_is_the_heatmaps(model, images, prompts):

@@ -120,7 +120,11 @@ class Block:
 
     def qkv(self, x: torch.Tensor):
         """Per-head q, k, v [b, head, N, d_head] from the block's input residual stream x [b, N, d_model]."""
-        q, k, v = F.linear(self.norm_attn(x), self.w_in, self.b_in).chunk(3, dim=-1)
+        return self.qkv_normed(self.norm_attn(x))
+
+    def qkv_normed(self, a: torch.Tensor):
+        """Per-head q, k, v [b, head, N, d_head] from the attention norm's output a [b, N, d_model]."""
+        q, k, v = F.linear(a, self.w_in, self.b_in).chunk(3, dim=-1)
         return tuple(split_heads(t, self.n_heads) for t in (q, k, v))
 
     def _normed(self, q: torch.Tensor, k: torch.Tensor):
@@ -293,6 +297,7 @@ class Tower:
     pool_head: Optional[AttnPool] = None
     family: str = "open_clip"
     query: str = "cls"  # the token the embedding reads: "cls", or "avg" (the mean of the patch tokens, e.g. CLIPA)
+    logit_scale: Optional[float] = None  # exp(logit_scale) of the whole model, when read from one (None: a tower)
 
     def pooled_token(self, x: torch.Tensor) -> torch.Tensor:
         """[b, d_model]: what the final norm reads from a token stream [b, N, d_model] (CLS-read towers)."""
@@ -529,6 +534,14 @@ def read_tower(model: torch.nn.Module) -> Tower:
     (SigLIP, SigLIP 2), transformers CLIP and SigLIP; refuses what it cannot reproduce."""
     if isinstance(model, Tower):
         return model
+    tower = _read_tower(model)
+    scale = getattr(model, "logit_scale", None)
+    if torch.is_tensor(scale):
+        tower.logit_scale = float(scale.detach().exp())
+    return tower
+
+
+def _read_tower(model: torch.nn.Module) -> Tower:
     check_decomposable(model)
     visual = image_tower(model)
     if _is_transformers(visual):
