@@ -60,7 +60,9 @@ def main():
             T = torch.nn.functional.normalize(torch.randn(P, model.visual.output_dim), dim=-1)
             runs = {"encode_image": lambda: model.encode_image(x)}
             for m in methods:
-                runs[m] = (lambda m=m: textspan.explain(model, x, T, method=m))
+                # one prompt: the decomposition's own map (a relative map needs two prompts at least)
+                opts = {"relative": False} if m == "decomposition" and T.shape[0] == 1 else {}
+                runs[m] = (lambda m=m, opts=opts: textspan.explain(model, x, T, method=m, **opts))
             if published:
                 runs["legrad-torch"] = lambda: published(x, T)
             times = {k: [] for k in runs}

@@ -92,6 +92,8 @@ def main():
         results["decomposition (own map)"] = []
     if "legrad" in methods:
         results["legrad (layers=all)"] = []
+    if "chefer" in methods:
+        results["chefer (all blocks, cosine)"] = []
     if published is not None:
         results["legrad (published code)"] = []
     results["gaussian"] = [normalise_map(gauss)] * args.n
@@ -113,6 +115,10 @@ def main():
                 if m == "legrad":
                     every = textspan.explain(model, x[k:k + 1], T[true:true + 1], method=m, layers="all")[0, 0]
                     results["legrad (layers=all)"].append(normalise_map(upsample(every, size).numpy()))
+                if m == "chefer":  # textspan's former default: every block, the cosine
+                    allb = textspan.explain(model, x[k:k + 1], T[true:true + 1], method=m, start_layer=0,
+                                            target="cosine")[0, 0]
+                    results["chefer (all blocks, cosine)"].append(normalise_map(upsample(allb, size).numpy()))
             if published is not None:
                 theirs = published.compute_legrad(T[true:true + 1], image=x[k:k + 1]).detach()[0, 0].numpy()
                 ours = textspan.upsample_maps(

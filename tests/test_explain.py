@@ -160,6 +160,27 @@ def test_gradcam_pytorch_grad_cam_variant_matches_autograd(model, images, prompt
         explain(model, images, prompts, method="gradcam", variant="other")
 
 
+def test_maskclip_matches_the_published_formula(model, images, prompts):
+    """Grad-ECLIP's generate_emap.py: clip_encode_dense's v_final and k_out, then mask_clip."""
+    got = explain(model, images, prompts, method="maskclip")
+    v_ = model.visual
+    blk = v_.transformer.resblocks[-1]
+    for b in range(images.shape[0]):
+        blocks, _ = slow_forward(model, images[b])
+        x_in = blocks[-1]["x_in"]
+        with torch.no_grad():
+            a = blk.ln_1(x_in)
+            q, k, v = F.linear(a, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, dim=-1)
+            out = lambda t: F.linear(t, blk.attn.out_proj.weight, blk.attn.out_proj.bias)  # noqa: E731
+            v_final = x_in + blk.ls_1(out(v))
+            v_final = v_final + blk.ls_2(blk.mlp(blk.ln_2(v_final)))
+            v_final = F.normalize(v_.ln_post(v_final) @ v_.proj, dim=-1)[1:]
+            k_out = F.normalize(out(k), dim=-1)
+            cos_k = (k_out[:1] * k_out[1:]).sum(-1)
+            want = (v_final @ prompts.t()).t() * cos_k[None]  # [P, N - 1]
+        assert torch.allclose(got[b].flatten(1), want, atol=1e-12)
+
+
 def model_attention(model, images):
     """[b, L, H, N, N] from the model's own nn.MultiheadAttention modules (need_weights)."""
     v_ = model.visual
@@ -364,7 +385,7 @@ def test_unknown_method_lists_the_known():
     with pytest.raises(ValueError, match="legrad"):
         explain(tiny_clip(), random_images(1), torch.randn(1, 24), method="nope")
     assert list_methods() == ["decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention",
-                              "chefer"]
+                              "chefer", "maskclip"]
 
 
 def test_upsample_maps_by_hand():
