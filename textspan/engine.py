@@ -297,7 +297,7 @@ class Tower:
     pool_head: Optional[AttnPool] = None
     family: str = "open_clip"
     query: str = "cls"  # the token the embedding reads: "cls", or "avg" (the mean of the patch tokens, e.g. CLIPA)
-    logit_scale: Optional[float] = None  # exp(logit_scale) of the whole model, when read from one (None: a tower)
+    score_scale: Optional[float] = None  # exp(logit_scale) of the whole model, when read from one (None: a tower)
 
     def pooled_token(self, x: torch.Tensor) -> torch.Tensor:
         """[b, d_model]: what the final norm reads from a token stream [b, N, d_model] (CLS-read towers)."""
@@ -537,7 +537,7 @@ def read_tower(model: torch.nn.Module) -> Tower:
     tower = _read_tower(model)
     scale = getattr(model, "logit_scale", None)
     if torch.is_tensor(scale):
-        tower.logit_scale = float(scale.detach().exp())
+        tower.score_scale = float(scale.detach().exp())
     return tower
 
 

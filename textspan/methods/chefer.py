@@ -36,10 +36,10 @@ def chefer(tower, images, T, start_layer: int = -1, target: str = "logit"):
         raise BadInputError(f"target={target!r}: one of {', '.join(TARGETS)}")
     scale = 1.0
     if target == "logit":
-        if tower.logit_scale is None:
+        if tower.score_scale is None:
             raise BadInputError("target='logit' needs the model's logit scale: pass the whole CLIP model (not its "
                                 "image tower), or target='cosine'")
-        scale = tower.logit_scale
+        scale = tower.score_scale
     blocks = tower.blocks
     L = len(blocks)
     start = start_block(start_layer, L)
