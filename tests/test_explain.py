@@ -181,6 +181,49 @@ def test_maskclip_matches_the_published_formula(model, images, prompts):
         assert torch.allclose(got[b].flatten(1), want, atol=1e-12)
 
 
+@pytest.mark.parametrize("layers,extra", [(None, 0), (2, 0), (None, 2)])
+def test_clip_surgery_matches_the_published_code(model, images, prompts, layers, extra):
+    """clip_surgery_model.py's dual path (v-v attention on the last blocks, CLS from the own path) and clip.py's
+    clip_feature_surgery, written here on the model's own modules."""
+    g = torch.Generator().manual_seed(11)
+    R = F.normalize(torch.randn(extra, 24, generator=g, dtype=torch.float64), dim=-1) if extra else None
+    got = explain(model, images, prompts, method="clip_surgery", surgery_layers=layers, redundant_texts=R)
+    v_ = model.visual
+    L = len(v_.transformer.resblocks)
+    n = min(6, L) if layers is None else layers
+    texts = prompts if R is None else torch.cat([prompts, R])
+    for b in range(images.shape[0]):
+        blocks, _ = slow_forward(model, images[b])
+        x = blocks[L - n]["x_in"]
+        x_ori, x_new = x, x
+        with torch.no_grad():
+            for i in range(L - n, L):
+                blk = v_.transformer.resblocks[i]
+                D = x.shape[-1]
+                H = blk.attn.num_heads
+                dh = D // H
+                qkv = blk.ln_1(x_ori) @ blk.attn.in_proj_weight.t() + blk.attn.in_proj_bias
+                q, k, v = qkv[:, :D], qkv[:, D:2 * D], qkv[:, 2 * D:]
+                heads = [slice(j * dh, (j + 1) * dh) for j in range(H)]
+                o_ori = torch.cat([torch.softmax(q[:, h] @ k[:, h].t() * dh ** -0.5, -1) @ v[:, h] for h in heads], -1)
+                o_new = torch.cat([torch.softmax(v[:, h] @ v[:, h].t() * dh ** -0.5, -1) @ v[:, h] for h in heads], -1)
+                proj = lambda t: t @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias  # noqa: E731
+                x_ori = x_ori + blk.ls_1(proj(o_ori))
+                x_ori = x_ori + blk.ls_2(blk.mlp(blk.ln_2(x_ori)))
+                x_new = x_new + blk.ls_1(proj(o_new))
+            x_new = torch.cat([x_ori[:1], x_new[1:]])
+            f = v_.ln_post(x_new) @ v_.proj  # [N, d']
+            f = (f / f.norm(dim=0, keepdim=True))[None]  # the published norm over the tokens (dim 1 of [b, N, d'])
+            prob = (f @ texts.t() * 2).softmax(-1)
+            w = prob / prob.mean(-1, keepdim=True)
+            feats = f.reshape(1, f.shape[1], 1, -1) * texts.reshape(1, 1, texts.shape[0], -1)
+            feats = feats * w.reshape(1, f.shape[1], texts.shape[0], 1)
+            sim = (feats - feats.mean(2, keepdim=True)).sum(-1)[0]  # [N, n_texts]
+        assert torch.allclose(got[b].flatten(1), sim[1:, :prompts.shape[0]].t(), atol=1e-12)
+    with pytest.raises(ValueError, match="one text"):
+        explain(model, images, prompts[:1], method="clip_surgery")
+
+
 def model_attention(model, images):
     """[b, L, H, N, N] from the model's own nn.MultiheadAttention modules (need_weights)."""
     v_ = model.visual
@@ -309,7 +352,7 @@ def test_contract(method, prompts):
     assert torch.equal(explain(model, imgs, T, method=method), maps)
     for b in range(3):
         for p in range(3):
-            if method == "decomposition":  # relative maps depend on the prompt set (one prompt alone is refused)
+            if method in ("decomposition", "clip_surgery"):  # maps that depend on the prompt set (one prompt refused)
                 one = explain(model, imgs[b:b + 1], T, method=method)[:, p:p + 1]
             else:
                 one = explain(model, imgs[b:b + 1], T[p:p + 1], method=method)
@@ -385,7 +428,7 @@ def test_unknown_method_lists_the_known():
     with pytest.raises(ValueError, match="legrad"):
         explain(tiny_clip(), random_images(1), torch.randn(1, 24), method="nope")
     assert list_methods() == ["decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention",
-                              "chefer", "maskclip"]
+                              "chefer", "maskclip", "clip_surgery"]
 
 
 def test_upsample_maps_by_hand():

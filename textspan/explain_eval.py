@@ -24,14 +24,18 @@ def target_maps(model, x: torch.Tensor, T_classes: torch.Tensor, targets: Sequen
     """[b, gh, gw]: each image's map for its target class.
 
     decomposition: the class's map minus the mean map over all classes (the heatmaps issue's segmentation map);
-    every other method: its raw map for the class prompt. Only the distinct target classes of the batch are
-    explained, not all classes."""
+    clip_surgery: its map of the class computed against every class prompt (the texts whose shared feature it
+    removes, as in its published use); every other method: its raw map for the class prompt, where only the
+    distinct target classes of the batch are explained, not all classes."""
     targets = [int(t) for t in targets]
     if method == "decomposition":
         options = {**options, "relative": False}
         maps = explain(model, x, T_classes, method="decomposition", **options)  # [b, C, g, g]
         idx = torch.tensor(targets, device=maps.device)
         return maps[torch.arange(len(targets)), idx] - maps.mean(dim=1)
+    if method == "clip_surgery":
+        maps = explain(model, x, T_classes, method=method, **options)  # [b, C, g, g]
+        return maps[torch.arange(len(targets)), torch.tensor(targets, device=maps.device)]
     distinct = sorted(set(targets))
     maps = explain(model, x, T_classes[distinct], method=method, **options)  # [b, u, g, g]
     col = torch.tensor([distinct.index(t) for t in targets], device=maps.device)
