@@ -62,6 +62,8 @@ def main():
             for m in methods:
                 # one prompt: the decomposition's own map (a relative map needs two prompts at least)
                 opts = {"relative": False} if m == "decomposition" and T.shape[0] == 1 else {}
+                if m == "clip_surgery":  # as its published evaluation: 59 more (background) texts beside the prompts
+                    opts = {"redundant_texts": torch.nn.functional.normalize(torch.randn(59, T.shape[1]), dim=-1)}
                 runs[m] = (lambda m=m, opts=opts: textspan.explain(model, x, T, method=m, **opts))
             if published:
                 runs["legrad-torch"] = lambda: published(x, T)
