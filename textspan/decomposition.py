@@ -379,7 +379,10 @@ def _decompose_pooled(tower: Tower, images: torch.Tensor, spatial: bool) -> Deco
     weight, beta, eps = tower.norm_final_affine
     gamma = weight.to(dt) if weight is not None else torch.ones(d_model, dtype=dt, device=dev)
     beta = beta.to(dt) if beta is not None else torch.zeros(d_model, dtype=dt, device=dev)
-    proj = tower.projection.to(dt) if tower.projection is not None else torch.eye(d_model, dtype=dt, device=dev)
+    proj = tower.projection.to(dt) if tower.projection is not None else None
+
+    def to_e(t):  # d_model -> d_embed: the projection, when the tower has one
+        return t @ proj if proj is not None else t
 
     # the forward, keeping what every token receives
     x = tower.embed(tower.to_input(images))
@@ -406,7 +409,7 @@ def _decompose_pooled(tower: Tower, images: torch.Tensor, spatial: bool) -> Deco
     vals = pool.values(xn)  # [b, G, N, dg]
     y = pool.head_out(a, vals)
     mlp_term = pool.mlp_term(y)
-    e = (y + mlp_term) @ proj if tower.projection is not None else y + mlp_term
+    e = to_e(y + mlp_term)
     norm = e.norm(dim=-1)
     inv = 1.0 / norm  # [b]
 
@@ -415,7 +418,7 @@ def _decompose_pooled(tower: Tower, images: torch.Tensor, spatial: bool) -> Deco
     w_out_g = pool.w_out.t().reshape(G, dg, d_model).to(dt)  # rows of W_out^T per head
     w_v_g = pool.w_v.reshape(G, dg, d_model).to(dt)
     Vg = (gamma[None, :, None] * w_v_g.transpose(1, 2)).contiguous()  # [G, d_model, dg]
-    Bg = (w_out_g @ proj if tower.projection is not None else w_out_g).contiguous()  # [G, dg, d_embed]
+    Bg = to_e(w_out_g).contiguous()  # [G, dg, d_embed]
     d_embed = Bg.shape[-1]
     w = a / sigma[:, None, :]  # [b, G, N]
     s_g = w.sum(dim=-1)  # [b, G]
@@ -460,7 +463,6 @@ def _decompose_pooled(tower: Tower, images: torch.Tensor, spatial: bool) -> Deco
     if pool.b_v is not None:
         const = const + F.linear(pool.b_v.to(dt), pool.w_out.to(dt))
     out_bias = pool.b_out.to(dt) if pool.b_out is not None else torch.zeros(d_model, dtype=dt, device=dev)
-    to_e = (lambda t: t @ proj) if tower.projection is not None else (lambda t: t)
     mlps[:, L + 1] = to_e(const + out_bias)[None] + to_e(mlp_term)
     heads.mul_(inv.view(b, *([1] * (heads.ndim - 1))))
     mlps.mul_(inv[:, None, None])

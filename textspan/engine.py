@@ -390,6 +390,11 @@ class Tower:
         e = self.pool_head.forward(self.norm_final(x))
         return e @ self.projection if self.projection is not None else e
 
+    def probe_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, G, N]: the pooling head's probe attention over the final stream x [b, N, d_model] (after the final
+        per-token norm), the attention the embedding is pooled with."""
+        return self.pool_head.probs(self.norm_final(x))
+
     def attention_pooled(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None, normed: bool = True,
                          probs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[b, d_embed] unnormalised: the pooling head (and projection) on the token stream x [b, N, d_model], after

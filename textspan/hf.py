@@ -80,14 +80,9 @@ class HFTokenizer:
 
 
 def _local_or_cached(name: str, cache_dir: Optional[str]) -> bool:
-    if os.path.isdir(name):
-        return True
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        return False
-    found = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir)
-    return isinstance(found, str) and os.path.isfile(found)
+    from .models import hub_file_cached
+
+    return os.path.isdir(name) or hub_file_cached(name, "config.json", cache_dir) is not None
 
 
 def load_hf_model(name: str, device: Union[str, torch.device] = "cpu", *, precision: str = "fp32",

@@ -72,29 +72,34 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_file_cached(repo_id: str, filename: str, cache_dir: Optional[str]) -> Optional[str]:
+    """The path of `filename` of Hugging Face repo `repo_id` in the local hub cache, or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with open_clip
+        return None
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    return found if isinstance(found, str) and os.path.isfile(found) else None
+
+
 def _cached_tag_file(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[str]:
     """Path of the already-downloaded checkpoint for an open_clip pretrained config, or None."""
     if tag_cfg.get("file"):
         return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
     hub = tag_cfg.get("hf_hub", "")
     if hub:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:  # pragma: no cover - huggingface_hub ships with open_clip
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
-            filename = filename or "open_clip_pytorch_model.bin"
-            candidates = []
-            if filename.endswith((".bin", ".pth")):
-                stem = filename[:-4]
-                candidates.append("open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin"
-                                  else stem + ".safetensors")
-            candidates.append(filename)
-            for name in candidates:
-                found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
-                if isinstance(found, str) and os.path.isfile(found):
-                    return found
+        repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        filename = filename or "open_clip_pytorch_model.bin"
+        candidates = []
+        if filename.endswith((".bin", ".pth")):
+            stem = filename[:-4]
+            candidates.append("open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin"
+                              else stem + ".safetensors")
+        candidates.append(filename)
+        for name in candidates:
+            found = hub_file_cached(repo_id, name, cache_dir)
+            if found is not None:
+                return found
     url = tag_cfg.get("url", "")
     if url:
         path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
@@ -226,12 +231,7 @@ def _open_clip_tokenizer(name: str, cache_dir: Optional[str]):
     cfg = open_clip.get_model_config(name.replace("/", "-")) if ":" not in name else None
     hf_name = ((cfg or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
     if hf_name and not _hub_reachable():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            found = try_to_load_from_cache(hf_name, "tokenizer_config.json", cache_dir=cache_dir)
-        except ImportError:  # pragma: no cover
-            found = None
-        if not (isinstance(found, str) and os.path.isfile(found)):
+        if hub_file_cached(hf_name, "tokenizer_config.json", cache_dir) is None:
             msg = (f"the tokenizer of {name} ({hf_name}, Hugging Face) is not in the local cache and the hub cannot be "
                    f"reached: text embeddings need it (copy it into the hub cache, or pass precomputed embeddings)")
             log.warning("%s; image jobs still run", msg)

@@ -119,10 +119,21 @@ def patch_columns(values: torch.Tensor, grid) -> torch.Tensor:
 def final_stream(tower: Tower, images: torch.Tensor) -> torch.Tensor:
     """[b, N, d_model]: the residual stream after the last block (no autograd)."""
     with torch.no_grad():
-        x = tower.embed(images)
-        for block in tower.blocks:
-            x = block.fast(x)
-    return x
+        return tower.final_stream(images)
+
+
+def grad_at_cls_output(tower: Tower, x: torch.Tensor, o_cls: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """[P, b, D]: the gradient of each prompt's score <t_p, e_hat> with respect to the last block's attention output
+    at the CLS token before out_proj (heads concatenated; `o_cls` [b, D], `x` the stream entering the last block),
+    through out_proj, the MLP and the pooling: one batched vector-Jacobian product for all prompts."""
+    last = tower.blocks[-1]
+    x_cls = x[:, :1].detach()
+
+    def embedding(o):  # [b, D] -> [b, d_embed]
+        y = last.after_heads(x_cls, o[:, None])
+        return tower.pooled_embedding(last.after_mlp(y)[:, 0])
+
+    return batched_vjp(embedding, o_cls, prompt_cotangents(T, x.shape[0]))
 
 
 def parse_layer_option(layers, n_layers: int, default: Sequence[int]) -> List[int]:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BadInputError
 from . import register
-from ._vit import batched_vjp, last_block_input, patch_columns, prompt_cotangents, start_block, stream_before
+from ._vit import grad_at_cls_output, last_block_input, patch_columns, prompt_cotangents, start_block, stream_before
 
 _CHUNK_ELEMENTS = 1 << 27
 TARGETS = ("logit", "cosine")
@@ -57,13 +57,7 @@ def _last_block(tower, images, T):
         q, k, v = last.qkv(x)  # [b, H, N, d_head]
         probs = last.attention_probs(q[:, :, :1], k)  # [b, H, 1, N]
         o_cls = last.merge_heads(probs @ v)[:, 0]  # [b, D], head scale applied
-        x_cls = x[:, :1]
-
-    def embedding(o):  # [b, D] -> [b, d_embed]
-        y = last.after_heads(x_cls, o[:, None])
-        return tower.pooled_embedding(last.after_mlp(y)[:, 0])
-
-    g = batched_vjp(embedding, o_cls, prompt_cotangents(T, b))  # [P, b, D]: dS / d(heads_out at CLS)
+    g = grad_at_cls_output(tower, x, o_cls, T)  # [P, b, D]: dS / d(heads_out at CLS)
     with torch.no_grad():
         P, H, dh = T.shape[0], last.n_heads, v.shape[-1]
         g = g.view(P, b, H, dh)
@@ -97,7 +91,7 @@ def _through_blocks(tower, images, T, start):
             x = t.x_out
         if pooled:
             with torch.no_grad():
-                pool_probs.append(tower.pool_head.probs(tower.norm_final(x)).detach())
+                pool_probs.append(tower.probe_attention(x).detach())
             return torch.nn.functional.normalize(tower.attention_pooled(x, deltas[-1]), dim=-1)
         return tower.pooled_embedding(x[:, 0])
 

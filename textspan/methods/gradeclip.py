@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from ._vit import batched_vjp, last_block_input, prompt_cotangents
+from ._vit import grad_at_cls_output, last_block_input
 
 
 @register("gradeclip")
@@ -38,13 +38,7 @@ def gradeclip(tower, images, T, single_head: bool = False):
         else:
             probs = last.attention_probs(q[:, :, :1], k)  # [b, H, 1, N]
             o_cls = last.merge_heads(probs @ v)[:, 0]
-        x_cls = x[:, 0]
-
-    def embedding(o):  # [b, D] -> [b, d_embed]
-        y = last.after_heads(x_cls[:, None], o[:, None])
-        return tower.pooled_embedding(last.after_mlp(y)[:, 0])
-
-    g = batched_vjp(embedding, o_cls, prompt_cotangents(T, b))  # [P, b, D]
+    g = grad_at_cls_output(tower, x, o_cls, T)  # [P, b, D]
     with torch.no_grad():
         cos = (F.normalize(q_full[:, :1], dim=-1) * F.normalize(k_full[:, 1:], dim=-1)).sum(-1)  # [b, N - 1]
         lo, hi = cos.amin(dim=-1, keepdim=True), cos.amax(dim=-1, keepdim=True)

@@ -14,7 +14,7 @@ def raw_attention(tower, images, T):
     if tower.pool_head is not None:
         x = final_stream(tower, images)
         with torch.no_grad():
-            cls_row = tower.pool_head.probs(tower.norm_final(x)).mean(dim=1)  # [b, N]
+            cls_row = tower.probe_attention(x).mean(dim=1)  # [b, N]
     else:
         last = tower.blocks[-1]
         x = last_block_input(tower, images)

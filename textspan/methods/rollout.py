@@ -25,7 +25,7 @@ def rollout(tower, images, T, start_layer: int = 0):
                 R = A if R is None else A @ R
             x = t.x_out
         if tower.pool_head is not None:
-            probe = tower.pool_head.probs(tower.norm_final(x)).mean(dim=1)  # [b, N]
+            probe = tower.probe_attention(x).mean(dim=1)  # [b, N]
             row = (probe[:, None] @ R)[:, 0]
         else:
             row = R[:, 0]
