@@ -224,6 +224,84 @@ def test_clip_surgery_matches_the_published_code(model, images, prompts, layers,
         explain(model, images, prompts[:1], method="clip_surgery")
 
 
+def published_m2ib(model, blocks, images, t, layer, beta=0.1, steps=10, lr=1.0, samples=10, seed=0):
+    """[b, N] YingWANGG/M2IB's IBAInterpreter, written here on the model's own modules: its bottleneck replaces the
+    output of `blocks[layer]` (here by a forward hook) while the whole model runs on `samples` copies of the image,
+    noise from the global generator after torch.manual_seed(seed), Adam on alpha, the capacity of the last forward
+    summed over channels; one image and one prompt t [d_embed] per run."""
+    out = []
+    for b in range(images.shape[0]):
+        torch.manual_seed(seed)
+        batch = images[b:b + 1].expand(samples, -1, -1, -1)
+        state = {}
+
+        def bottleneck(module, inputs, x):
+            lamb = torch.sigmoid(state["alpha"]).expand(x.shape[0], x.shape[1], -1)
+            mu, var = x * lamb, (1 - lamb) ** 2
+            state["cap"] = -0.5 * (1 + torch.log(var) - mu ** 2 - var)
+            return mu + var.sqrt() * mu.data.new(mu.size()).normal_()
+
+        captured = {}
+        handle = blocks[layer].register_forward_hook(lambda m, i, x: captured.update(shape=x.shape))
+        with torch.no_grad():
+            model.encode_image(batch[:1])
+        handle.remove()
+        alpha = torch.nn.Parameter(torch.full((1, *captured["shape"][1:]), 5.0, dtype=images.dtype))
+        state["alpha"] = alpha
+        opt = torch.optim.Adam([alpha], lr=lr)
+        handle = blocks[layer].register_forward_hook(bottleneck)
+        try:
+            for _ in range(steps):
+                opt.zero_grad()
+                e = model.encode_image(batch)
+                fit = torch.nn.CosineSimilarity(eps=1e-6)(t[None].expand(samples, -1), e).mean()
+                alpha.grad, = torch.autograd.grad(beta * state["cap"].mean() - fit, alpha)
+                opt.step()
+        finally:
+            handle.remove()
+        out.append(torch.nansum(state["cap"].mean(dim=0), -1).detach())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("opts", [dict(steps=3), dict(layer=0, beta=0.5, samples=4, seed=5, lr=0.3)])
+def test_m2ib_matches_the_published_code(model, images, prompts, opts):
+    got = explain(model, images, prompts[:2], method="m2ib", **opts)
+    blocks = model.visual.transformer.resblocks
+    layer = opts.get("layer", 0)  # default: three blocks from the end, block 0 of this 3-block model
+    kw = {k: v for k, v in opts.items() if k != "layer"}
+    for p in range(2):
+        want = published_m2ib(model, blocks, images, prompts[p], layer, **kw)[:, 1:]
+        assert torch.allclose(got[:, p].flatten(1), want, atol=1e-9, rtol=1e-9), p
+    # the maps move with the seed, and the mask really is optimised (a different beta gives another map)
+    assert not torch.allclose(explain(model, images, prompts[:2], method="m2ib", **{**opts, "seed": 9}), got)
+    assert not torch.allclose(explain(model, images, prompts[:2], method="m2ib", **{**opts, "beta": 3.0}), got)
+    with pytest.raises(ValueError, match="layer"):
+        explain(model, images, prompts, method="m2ib", layer=5)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clipa"])
+def test_m2ib_on_pooled_towers_matches_the_published_code(kind):
+    """The same bottleneck through the tower's own pooling: SigLIP's attention pool (no CLS: every token a patch),
+    CLIPA's mean of the patch tokens."""
+    if kind == "siglip":
+        from families import open_clip_siglip
+
+        model = open_clip_siglip(seed=2).double()
+        blocks = model.visual.trunk.blocks
+        skip = 0
+    else:
+        model = tiny_clip(seed=6, layers=3, pool_type="avg", final_ln_after_pool=True, no_ln_pre=True).double()
+        blocks = model.visual.transformer.resblocks
+        skip = 1
+    d = model.encode_image(random_images(1, seed=1).double()).shape[-1]
+    T = F.normalize(torch.randn(2, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64), dim=-1)
+    imgs = random_images(2, seed=4).double()
+    got = explain(model, imgs, T, method="m2ib", steps=3, samples=3, layer=1)
+    for p in range(2):
+        want = published_m2ib(model, blocks, imgs, T[p], 1, steps=3, samples=3)[:, skip:]
+        assert torch.allclose(got[:, p].flatten(1), want, atol=1e-9, rtol=1e-9), (kind, p)
+
+
 def model_attention(model, images):
     """[b, L, H, N, N] from the model's own nn.MultiheadAttention modules (need_weights)."""
     v_ = model.visual
@@ -428,7 +506,7 @@ def test_unknown_method_lists_the_known():
     with pytest.raises(ValueError, match="legrad"):
         explain(tiny_clip(), random_images(1), torch.randn(1, 24), method="nope")
     assert list_methods() == ["decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention",
-                              "chefer", "maskclip", "clip_surgery"]
+                              "chefer", "maskclip", "clip_surgery", "m2ib"]
 
 
 def test_upsample_maps_by_hand():

@@ -203,7 +203,7 @@ def test_load_local_folder_and_jobs(siglip_folder, tmp_path):
     assert 0 <= seg["miou"] <= 100
     imgs = sorted((world / "images").rglob("*.png"))[:2]
     cmp = textspan.compare_methods(imgs, ["a circle", "a star"], tmp_path / "cmp", str(siglip_folder))
-    assert sorted(cmp.maps) == sorted(["decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer"])
+    assert sorted(cmp.maps) == sorted(["decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer", "m2ib"])
     hm = textspan.draw_heatmaps(imgs, tmp_path / "hm", ["a circle", "a star"], str(siglip_folder), heads="L2H1")
     assert (tmp_path / "hm" / "maps.npy").exists() and hm is not None
     labels = textspan.label_cache(tmp_path / "cache", tmp_path / "labels", bank="shapes", n_texts=2, layers="all", rank=8)

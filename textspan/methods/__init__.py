@@ -19,7 +19,7 @@ from ._vit import prepare, untouched
 from ..errors import BadInputError
 
 _REGISTRY: Dict[str, Callable] = {}
-_MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip", "clip_surgery")
+_MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip", "clip_surgery", "m2ib")
 
 
 def register(name: str):

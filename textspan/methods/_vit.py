@@ -38,7 +38,9 @@ def untouched(model):
 
 
 # methods defined on attention-pooled towers (SigLIP): see each method's docstring for its pooled variant
-POOLED_METHODS = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer")
+POOLED_METHODS = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer", "m2ib")
+# methods defined on average-pooled towers (CLIPA): through the tower's own pooling
+AVG_METHODS = ("decomposition", "m2ib")
 
 
 def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> tuple:
@@ -46,10 +48,10 @@ def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> t
     tower = read_tower(model)
     like = tower.weight
     tower.check_images(images, any_size=True)
-    if tower.query == "avg" and method != "decomposition":
+    if tower.query == "avg" and method not in AVG_METHODS:
         raise UnsupportedModelError(
             f"method {method!r} follows the CLS token, and this tower's embedding reads the mean of the patch tokens "
-            f"(average pool); on average-pooled towers only method='decomposition' runs")
+            f"(average pool); on average-pooled towers these run: {', '.join(AVG_METHODS)}")
     if tower.pool_head is not None and method not in POOLED_METHODS:
         raise UnsupportedModelError(
             f"method {method!r} is defined through the CLS token, and this {tower.family} image tower has none (it "
