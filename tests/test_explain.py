@@ -302,6 +302,112 @@ def test_m2ib_on_pooled_towers_matches_the_published_code(kind):
         assert torch.allclose(got[:, p].flatten(1), want, atol=1e-9, rtol=1e-9), (kind, p)
 
 
+# ---- the published transformer LRP (Transformer-Explainability layers_lrp.py rules), with autograd as published --
+
+def _sd(a, b):  # safe_divide
+    den = b.clamp(min=1e-9) + b.clamp(max=1e-9)
+    den = den + den.eq(0).type(den.type()) * 1e-9
+    return a / den * b.ne(0).type(b.type())
+
+
+def _simple(fn, xs, R):  # RelPropSimple: Z = fn(X), X * grad(Z, X, R / Z)
+    xs = [x.detach().requires_grad_(True) for x in xs]
+    Z = fn(*xs)
+    C = torch.autograd.grad(Z, xs, _sd(R, Z))
+    return [x.detach() * c for x, c in zip(xs, C)]
+
+
+def _lin(R, X, W, alpha=1):  # Linear.relprop
+    beta = alpha - 1
+    pw, nw = torch.clamp(W, min=0), torch.clamp(W, max=0)
+    X = X.detach().requires_grad_(True)
+    px, nx = torch.clamp(X, min=0), torch.clamp(X, max=0)
+
+    def f(w1, w2, x1, x2):
+        Z1, Z2 = F.linear(x1, w1), F.linear(x2, w2)
+        S1, S2 = _sd(R, Z1 + Z2), _sd(R, Z2 + Z2)
+        return x1 * torch.autograd.grad(Z1, x1, S1, retain_graph=True)[0] + \
+            x2 * torch.autograd.grad(Z2, x2, S2, retain_graph=True)[0]
+
+    return (alpha * f(pw, nw, px, nx) - beta * f(nw, pw, px, nx)).detach()
+
+
+def _clone(x, Rs):
+    x = x.detach().requires_grad_(True)
+    C = torch.autograd.grad([x] * len(Rs), x, [_sd(r, x) for r in Rs])[0]
+    return (x * C).detach()
+
+
+def published_lrp(model, img, t):
+    """(pixel map [H, W] of method="full", last block's attention relevance [H, N, N]) for one image and prompt."""
+    v_ = model.visual
+    with torch.no_grad():
+        patches = v_.conv1(img[None])[0].flatten(1).t()
+        tok = torch.cat([v_.class_embedding[None], patches])
+        pos = v_.positional_embedding
+        x = v_.ln_pre(tok + pos)
+        saved = []
+        for blk in v_.transformer.resblocks:
+            D, H = x.shape[-1], blk.attn.num_heads
+            a = blk.ln_1(x)
+            q, k, v = (a @ blk.attn.in_proj_weight.t() + blk.attn.in_proj_bias).split(D, -1)
+            q, k, v = (u.reshape(-1, H, D // H).transpose(0, 1) for u in (q, k, v))
+            attn = torch.softmax(torch.einsum("hid,hjd->hij", q, k) * (D // H) ** -0.5, -1)
+            heads = torch.einsum("hij,hjd->hid", attn, v).transpose(0, 1).reshape(-1, D)
+            attn_out = blk.ls_1(heads @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias)
+            y = x + attn_out
+            m = blk.ln_2(y)
+            g = blk.mlp.gelu(blk.mlp.c_fc(m))
+            mlp_out = blk.ls_2(blk.mlp.c_proj(g))
+            saved.append(dict(x=x, a=a, q=q, k=k, v=v, attn=attn, heads=heads, attn_out=attn_out, y=y, m=m, g=g,
+                              mlp_out=mlp_out))
+            x = y + mlp_out
+        n_all = v_.ln_post(x)
+        e_hat = F.normalize(n_all[:1] @ v_.proj, dim=-1)
+    R = _lin(torch.ones(1, 1, dtype=img.dtype), e_hat, t[None])  # the text head, one-hot relevance
+    R = _lin(R, n_all[:1], v_.proj.t())
+    R = _simple(lambda X: X[:1], [n_all], R)[0]  # IndexSelect of the CLS token
+    for blk, s in zip(reversed(v_.transformer.resblocks), reversed(saved)):
+        R_y, R_m = _simple(lambda p, q: p + q, [s["y"], s["mlp_out"]], R)
+        R_m = _lin(_lin(R_m, s["g"], blk.mlp.c_proj.weight), s["m"], blk.mlp.c_fc.weight)
+        R = _clone(s["y"], [R_y, R_m])
+        R_x, R_a = _simple(lambda p, q: p + q, [s["x"], s["attn_out"]], R)
+        H = blk.attn.num_heads
+        R_o = _lin(R_a, s["heads"], blk.attn.out_proj.weight).reshape(-1, H, R.shape[-1] // H).transpose(0, 1)
+        cam1, cam_v = _simple(lambda A, V: torch.einsum("hij,hjd->hid", A, V), [s["attn"], s["v"]], R_o)
+        cam1, cam_v = cam1 / 2, cam_v / 2
+        s["attn_cam"] = cam1
+        cam_q, cam_k = _simple(lambda Q, K: torch.einsum("hid,hjd->hij", Q, K), [s["q"], s["k"]], cam1)
+        merged = torch.cat([u.transpose(0, 1).reshape(-1, R.shape[-1]) for u in (cam_q / 2, cam_k / 2, cam_v)], -1)
+        R = _clone(s["x"], [R_x, _lin(merged, s["a"], blk.attn.in_proj_weight)])
+    R = _simple(lambda p, q: p + q, [tok, pos], R)[0][1:]  # the position add; the patch tokens
+    gh = img.shape[-2] // v_.conv1.kernel_size[0]
+    R = R.t().reshape(1, -1, gh, R.shape[0] // gh)
+    X, w = img[None], v_.conv1.weight
+    pw, nw = w.clamp(min=0), w.clamp(max=0)
+    L = X * 0 + X.amin(dim=(1, 2, 3), keepdim=True)
+    Hi = X * 0 + X.amax(dim=(1, 2, 3), keepdim=True)
+    conv = lambda z, k: F.conv2d(z, k, stride=v_.conv1.stride)  # noqa: E731
+    back = lambda s_, k: F.conv_transpose2d(s_, k, stride=v_.conv1.stride)  # noqa: E731
+    S = R / (conv(X, w) - conv(L, pw) - conv(Hi, nw) + 1e-9)
+    pixels = (X * back(S, w) - L * back(S, pw) - Hi * back(S, nw)).sum(dim=1)[0]
+    return pixels, saved[-1]["attn_cam"]
+
+
+def test_lrp_and_partial_lrp_match_the_published_rules(model, images, prompts):
+    full = explain(model, images, prompts, method="lrp")
+    part = explain(model, images, prompts, method="partial_lrp")
+    p = model.visual.conv1.kernel_size[0]
+    for b in range(images.shape[0]):
+        for j in range(prompts.shape[0]):
+            pixels, attn_cam = published_lrp(model, images[b], prompts[j])
+            per_patch = pixels.reshape(4, p, 4, p).sum(dim=(1, 3))
+            assert torch.allclose(full[b, j], per_patch, atol=1e-12, rtol=1e-9), (b, j)
+            want = attn_cam.clamp(min=0).mean(dim=0)[0, 1:].reshape(4, 4)
+            assert torch.allclose(part[b, j], want, atol=1e-12, rtol=1e-9), (b, j)
+    assert not torch.allclose(full[:, 0], full[:, 1])  # the prompt matters
+
+
 def model_attention(model, images):
     """[b, L, H, N, N] from the model's own nn.MultiheadAttention modules (need_weights)."""
     v_ = model.visual
@@ -506,7 +612,7 @@ def test_unknown_method_lists_the_known():
     with pytest.raises(ValueError, match="legrad"):
         explain(tiny_clip(), random_images(1), torch.randn(1, 24), method="nope")
     assert list_methods() == ["decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention",
-                              "chefer", "maskclip", "clip_surgery", "m2ib"]
+                              "chefer", "maskclip", "clip_surgery", "m2ib", "lrp", "partial_lrp"]
 
 
 def test_upsample_maps_by_hand():

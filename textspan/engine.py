@@ -508,7 +508,8 @@ def _read_block(block) -> Block:
     custom = not isinstance(attn, torch.nn.MultiheadAttention)
     mlp = block.mlp
     parts = dict(mlp.named_children())
-    simple_mlp = list(parts) == ["c_fc", "gelu", "c_proj"]
+    simple_mlp = list(parts) == ["c_fc", "gelu", "c_proj"] or (
+        list(parts) == ["c_fc", "gelu", "ln", "c_proj"] and isinstance(parts["ln"], torch.nn.Identity))
     return Block(
         n_heads=attn.num_heads,
         norm_attn=block.ln_1,

@@ -19,7 +19,7 @@ from ._vit import prepare, untouched
 from ..errors import BadInputError
 
 _REGISTRY: Dict[str, Callable] = {}
-_MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip", "clip_surgery", "m2ib")
+_MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip", "clip_surgery", "m2ib", "lrp", "partial_lrp")
 
 
 def register(name: str):
