@@ -118,6 +118,47 @@ def test_segment_eval_any_method(world_dir, tmp_path):
     assert res.exit_code != 0
 
 
+def test_segment_eval_scores_each_object_of_two_object_images(world_dir, tmp_path):
+    """shapes-world --objects 2 writes masks/SHAPE/NNNNNN/CLASS.png; segment-eval explains each object's class and
+    scores it against that object's mask alone (the other object is background), with the pointing game."""
+    from PIL import Image
+
+    from textspan.metrics import normalise_map, segmentation_row
+    from textspan.visualize import upsample
+
+    r = CliRunner()
+    assert r.invoke(main, ["shapes-world", "--n", "5", "--objects", "2", "-o", str(tmp_path / "w2")]).exit_code == 0
+    res = r.invoke(main, ["segment-eval", str(tmp_path / "w2"), "--classes", str(world_dir / "classes.txt"),
+                          "--method", "legrad", "--batch-size", "3", "-o", str(tmp_path / "s"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "s" / "segmentation.json").read_text())
+    rows = (tmp_path / "s" / "per_image.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    expected = sum(len(list(d.glob("*.png"))) for d in (tmp_path / "w2" / "masks").glob("*/*") if d.is_dir())
+    assert expected >= 5 and len(rows) - 1 == expected == out["n_images"] == out["by_objects"]["2"]["n_images"]
+    assert 0 <= out["pointing"] <= 100 and {"pointing", "class", "objects"} <= set(header)
+    # one row by hand: the legrad map of the object's class against the object's own mask
+    first = dict(zip(header, rows[1].split(",")))
+    image_rel, cls = first["item"].split(":")
+    loaded = textspan.jobs.resolve_model("shapes")
+    x = loaded.preprocess(Image.open(tmp_path / "w2" / "images" / image_rel).convert("RGB"))[None]
+    classes = (world_dir / "classes.txt").read_text().split()
+    W, _ = textspan.jobs.zero_shot_classifier(loaded, classes)
+    m = target_maps(loaded.model, x, torch.from_numpy(W.T.copy()), [classes.index(cls)], "legrad")[0]
+    mask = np.asarray(Image.open((tmp_path / "w2" / "masks" / image_rel).with_suffix("") / f"{cls}.png")) > 0
+    want = segmentation_row(normalise_map(upsample(m, x.shape[-2:]).numpy()), mask)
+    for key in ("pixel_accuracy", "iou_foreground", "ap", "pointing"):
+        assert float(first[key]) == pytest.approx(want[key], abs=1e-6), key
+    # an object mask naming no class of the classifier is a failure naming the image, the rest is scored
+    extra = next(d for d in (tmp_path / "w2" / "masks").glob("*/*") if d.is_dir()) / "dragon.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(extra)
+    res = r.invoke(main, ["segment-eval", str(tmp_path / "w2"), "--classes", str(world_dir / "classes.txt"),
+                          "-o", str(tmp_path / "s2"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    fails = json.loads((tmp_path / "s2" / "segmentation.json").read_text())["failures"]
+    assert len(fails) == 1 and "dragon" in fails[0]["error"]
+
+
 def test_compare_cli(world_dir, tmp_path):
     imgs = sorted((world_dir / "w" / "images").rglob("*.png"))[:2]
     res = CliRunner().invoke(main, ["compare", *map(str, imgs), "--prompts", "a circle", "--prompts", "water",

@@ -43,6 +43,12 @@ def test_segmentation_scores_on_hand_made_masks():
     # the 16 entries with score 1 hold 10 + 4 = 14 positives (precision 14/16); the 16 with score 0 hold 2
     ap = (14 / 16) * (14 / 16) + (2 / 16) * (16 / 32)
     assert abs(res["map"] - ap * 100) < 1e-9
+    # pointing game: the maximum (first of the ties, at [0, 0]) falls on the object; a map peaking outside does not
+    assert res["pointing"] == 100.0
+    off = np.zeros((4, 4))
+    off[3, 3] = 1.0
+    res2 = segmentation_scores([normalise_map(m), normalise_map(off)], [gt, gt])
+    assert res2["pointing"] == 50.0 and [r["pointing"] for r in res2["rows"]] == [100.0, 0.0]
     # summing over images: intersections and unions add up before dividing
     perfect = segmentation_scores([gt.astype(float), m], [gt, gt])
     assert perfect["iou_foreground"] == (4 + 4) / (4 + 6) * 100

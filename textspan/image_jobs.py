@@ -235,8 +235,14 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
     `data` is gtsegs_ijcv.mat (ImageNet-segmentation) or a folder with images/ and masks/ (same relative paths).
     The map of the chosen class (the predicted one, or with ``target="true"`` the class sub-folder's; decomposition:
     minus the mean over classes) is clipped at 0, min-max normalised and thresholded at its mean. Returns and writes
-    segmentation.json (pixel_accuracy, miou, map, ...), per_image.csv and sample overlays. Per-image rows are saved
-    after every batch (segment_progress.json): rerunning resumes; a folder with other settings is refused.
+    segmentation.json (pixel_accuracy, miou, map, pointing, ...), per_image.csv and sample overlays. Per-image rows
+    are saved after every batch (segment_progress.json): rerunning resumes; a folder with other settings is refused.
+
+    Several objects in one image (folder data): masks/REL/CLASS.png, one mask per object named by its class (REL:
+    the image's path without extension). Each object is scored on its own (whatever `target` says): the map of its
+    class against its mask, the other objects counting as background, and the pointing game (the map's maximum on
+    that object). segmentation.json then adds `by_objects` ({"1": scores of single-mask images, "2": of the
+    two-object images' objects, ...}); per_image.csv has a row per object (item IMAGE:CLASS).
     """
     import torch
     from PIL import Image
@@ -293,33 +299,40 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
             else:
                 e = engine.library_image_embedding(loaded.model, x).detach()
                 logits = torch.nn.functional.normalize(e, dim=-1) @ T.t().to(x.dtype)
-            chosen = []
+            chosen = []  # (pending index, class index, mask, item name, objects in the image)
             for k, (name, im, mask) in enumerate(pending):
-                if target == "true":
+                if isinstance(mask, dict):  # one mask per object: each object's class is explained and scored
+                    unknown = sorted(set(mask) - set(classnames))
+                    if unknown:
+                        failures.append({"item": name, "error": f"object masks {unknown} name no class of the "
+                                                                f"classifier ({', '.join(classnames)})"})
+                        continue
+                    chosen += [(k, classnames.index(c), m, f"{name}:{c}", len(mask)) for c, m in mask.items()]
+                elif target == "true":
                     cls = name.split("/")[0]
                     if cls not in classnames:
                         failures.append({"item": name, "error": f"class folder {cls!r} is not in the classes"})
                         continue
-                    chosen.append((k, classnames.index(cls)))
+                    chosen.append((k, classnames.index(cls), mask, name, 1))
                 else:
-                    chosen.append((k, int(logits[k].argmax())))
+                    chosen.append((k, int(logits[k].argmax()), mask, name, 1))
             if not chosen:
                 pending.clear()
                 save()
                 return
             if method == "decomposition" and not options:
-                class_maps = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c in chosen])
+                class_maps = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c, *_ in chosen])
             else:
-                picked = [k for k, _ in chosen]
+                picked = [k for k, *_ in chosen]
                 try:
-                    class_maps = explain_eval.target_maps(loaded.model, x[picked], T, [c for _, c in chosen], method,
-                                                          **options)
+                    class_maps = explain_eval.target_maps(loaded.model, x[picked], T, [c for _, c, *_ in chosen],
+                                                          method, **options)
                 except TypeError as exc:
                     raise BadInputError(f"method {method!r}: {exc}") from exc
-            for (k, c), m in zip(chosen, class_maps):
-                name, im, mask = pending[k]
+            for (k, c, mask, item, n_objects), m in zip(chosen, class_maps):
+                im = pending[k][1]
                 up = upsample(m.cpu(), x.shape[-2:]).numpy()
-                rows.append({"item": name, "index": len(rows),
+                rows.append({"item": item, "index": len(rows), "class": classnames[c], "objects": n_objects,
                              **metrics.segmentation_row(metrics.normalise_map(up), mask)})
                 if out is not None and progress["samples"] < samples:
                     shown = im.resize((x.shape[-1], x.shape[-2]))
@@ -334,7 +347,8 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
             if err is not None:
                 failures.append({"item": str(name), "error": err})
                 continue
-            aligned = seg.mask_array(to_mask(Image.fromarray(mask.astype(np.uint8) * 255)))
+            align = lambda m: seg.mask_array(to_mask(Image.fromarray(m.astype(np.uint8) * 255)))  # noqa: E731
+            aligned = {c: align(m) for c, m in mask.items()} if isinstance(mask, dict) else align(mask)
             pending.append((str(name), im, aligned))
             if len(pending) == batch_size:
                 flush()
@@ -344,10 +358,15 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
         if not rows:
             raise BadInputError(f"no usable entries in {data} ({len(failures)} failed)")
         res = metrics.aggregate_segmentation(rows)
+        counts = sorted({r.get("objects", 1) for r in rows})
+        if counts != [1]:  # per-object scores: rows of images with one object, and of images with several
+            res["by_objects"] = {str(n): metrics.aggregate_segmentation([r for r in rows if r.get("objects", 1) == n])
+                                 for n in counts}
         res["failures"] = failures
         if out is not None:
             with open(out / "per_image.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                fields = list(dict.fromkeys(k for r in rows for k in r))  # rows resumed from older runs lack some
+                w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
                 w.writerows(rows)
             (out / "segmentation.json").write_text(json.dumps(res, indent=1))

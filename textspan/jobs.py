@@ -803,8 +803,10 @@ def write_shapes_world(output, n: int = 1000, *, seed: int = 0, objects: int = 1
                        overwrite: bool = False) -> Path:
     """Write generated shapes-world images (ImageFolder layout by shape), their masks and metadata.csv.
 
-    OUTPUT/images/SHAPE/NNNNNN.png, OUTPUT/masks/SHAPE/NNNNNN.png (255 = object), OUTPUT/metadata.csv (path,
-    caption and every attribute). `spurious`: "train"/"val"/"test" for the Waterbirds-like world. A folder that
+    OUTPUT/images/SHAPE/NNNNNN.png, OUTPUT/masks/SHAPE/NNNNNN.png (255 = object; with two objects, their union),
+    OUTPUT/metadata.csv (path, caption and every attribute). With ``objects=2``, also one mask per object class,
+    OUTPUT/masks/SHAPE/NNNNNN/CLASS.png (the layout `evaluate_segmentation` scores per object; two objects of one
+    shape share their class's mask). `spurious`: "train"/"val"/"test" for the Waterbirds-like world. A folder that
     holds another world (other n, seed, objects or spurious setting) is refused unless ``overwrite``, which first
     removes its images and masks."""
     from . import world
@@ -827,6 +829,12 @@ def write_shapes_world(output, n: int = 1000, *, seed: int = 0, objects: int = 1
             for sub, arr in (("images", s.image), ("masks", s.mask.astype("uint8") * 255)):
                 (out / sub / rel.parent).mkdir(parents=True, exist_ok=True)
                 _save_png(arr, out / sub / rel)
+            if int(objects) > 1:
+                per_object = out / "masks" / rel.with_suffix("")
+                per_object.mkdir(parents=True, exist_ok=True)
+                for shape in sorted({o["shape"] for o in s.objects}):
+                    union = np.any([m for m, o in zip(s.masks, s.objects) if o["shape"] == shape], axis=0)
+                    _save_png(union.astype("uint8") * 255, per_object / f"{shape}.png")
             rows.append({"path": str(Path("images") / rel), "mask": str(Path("masks") / rel), "index": i,
                          "caption": s.caption, **s.labels})
         with open(out / "metadata.csv", "w", newline="") as f:

@@ -59,7 +59,9 @@ def segmentation_row(m, gt) -> dict:
         row[f"intersection_{name}"] = int((p & g).sum())
         row[f"union_{name}"] = int((p | g).sum())
     ap = average_precision(np.concatenate([~gt.ravel(), gt.ravel()]), np.concatenate([1 - m.ravel(), m.ravel()]))
-    scores = {"pixel_accuracy": row["correct_pixels"] / max(row["pixels"], 1) * 100, "ap": ap * 100}
+    hit = bool(gt.ravel()[int(np.argmax(m))])  # pointing game: the map's maximum falls on the object
+    scores = {"pixel_accuracy": row["correct_pixels"] / max(row["pixels"], 1) * 100, "ap": ap * 100,
+              "pointing": 100.0 if hit else 0.0}
     for name in ("background", "foreground"):
         u = row[f"union_{name}"]
         scores[f"iou_{name}"] = row[f"intersection_{name}"] / u * 100 if u else 100.0
@@ -68,13 +70,16 @@ def segmentation_row(m, gt) -> dict:
 
 def aggregate_segmentation(rows) -> dict:
     """Dataset-level scores from per-image rows of `segmentation_row`: pixel accuracy and IoU per class from the
-    summed counts, mIoU their mean, mAP the mean of the per-image APs (percent)."""
+    summed counts, mIoU their mean, mAP the mean of the per-image APs, pointing the share of maps whose maximum falls
+    on the object (percent; rows saved before textspan scored pointing are left out of it)."""
     total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+    pointed = [r["pointing"] for r in rows if "pointing" in r]
     iou = {c: total(f"intersection_{c}") / max(total(f"union_{c}"), 1) * 100 for c in ("background", "foreground")}
     return {"pixel_accuracy": total("correct_pixels") / max(total("pixels"), 1) * 100,
             "iou_background": float(iou["background"]), "iou_foreground": float(iou["foreground"]),
             "miou": float((iou["background"] + iou["foreground"]) / 2),
-            "map": float(np.mean([r["ap"] for r in rows])) if rows else 0.0, "n_images": len(rows)}
+            "map": float(np.mean([r["ap"] for r in rows])) if rows else 0.0,
+            "pointing": float(np.mean(pointed)) if pointed else None, "n_images": len(rows)}
 
 
 def segmentation_scores(maps, masks) -> dict:

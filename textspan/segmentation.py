@@ -7,7 +7,7 @@ square instead, misaligning it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -91,19 +91,37 @@ def folder_images(folder) -> List[Path]:
     return images
 
 
-def iter_folder(folder, start: int = 0) -> Iterator[Tuple[str, Optional[Image.Image], Optional[np.ndarray],
+def object_masks(folder: Path) -> Dict[str, np.ndarray]:
+    """{class name: mask} from a folder of one mask per object (CLASS.png; the file's stem names the class the prompt
+    names). BadInputError naming the folder when it holds no .png mask."""
+    found = {}
+    for q in sorted(folder.glob("*.png")):
+        with Image.open(q) as m:
+            found[q.stem] = mask_array(m)
+    if not found:
+        raise BadInputError(f"{folder}: a per-object mask folder with no CLASS.png mask in it")
+    return found
+
+
+def iter_folder(folder, start: int = 0) -> Iterator[Tuple[str, Optional[Image.Image],
+                                                         Optional[Union[np.ndarray, Dict[str, np.ndarray]]],
                                                          Optional[str]]]:
     """(name, RGB image, mask, error) for FOLDER/images/** with masks at the same relative path (any extension
-    for the image, .png for the mask) under FOLDER/masks/, from the `start`-th image on."""
+    for the image, .png for the mask) under FOLDER/masks/, from the `start`-th image on. Images with several
+    objects: a folder FOLDER/masks/REL (REL without its extension) holding one CLASS.png per object; then `mask` is
+    {class: mask} (the folder is read when both it and a single mask exist)."""
     from .datasets import load_rgb
 
     root = Path(folder)
     for p in folder_images(folder)[start:]:
         rel = p.relative_to(root / "images")
         try:
-            mask_path = (root / "masks" / rel).with_suffix(".png")
-            with Image.open(mask_path) as m:
-                mask = mask_array(m)
+            per_object = (root / "masks" / rel).with_suffix("")
+            if per_object.is_dir():
+                mask = object_masks(per_object)
+            else:
+                with Image.open((root / "masks" / rel).with_suffix(".png")) as m:
+                    mask = mask_array(m)
             yield str(rel), load_rgb(str(p)), mask, None
         except Exception as exc:
             yield str(rel), None, None, f"{type(exc).__name__}: {exc}"
