@@ -8,6 +8,11 @@ is reported too, as "decomposition (own map)". Baseline: a centred Gaussian. Map
 at 0 and min-max normalised (as `segment-eval`); reports pixel accuracy, mIoU, mAP and pointing-game accuracy (the
 map's maximum falls on the object). "legrad (layers=all)" is LeGrad over every block instead of the last two.
 
+With --objects 2 the images hold two objects (in two different quadrants): each object is a case of its own, the
+prompts describe that object (its size and colour, each of the 5 shapes), and its map is scored against its own mask
+(the other object counts as background): per-object mIoU and the multi-object pointing game (the maximum must fall on
+the named object). Single-score explainers that merge the objects into one blob lose here.
+
 It also prints, per block, the zero-shot shape accuracy of the image feature LeGrad differentiates (ln_post of the mean
 over all tokens of the block's output, through proj) next to that of the CLS token (what the model's embedding is).
 
@@ -15,7 +20,7 @@ With --published-legrad (in an environment with legrad-torch 1.1 on open_clip 2.
 adds the published LeGrad (`LeWrapper(model).compute_legrad`, its own upsampling and min-max) on the same model and
 images, as "legrad (published code)", and prints the largest difference from textspan's upsampled maps.
 
-    python experiments/shapes_segmentation.py [--n 1000] [--methods all] [--model shapes] [--output DIR]
+    python experiments/shapes_segmentation.py [--n 1000] [--objects 1] [--methods all] [--model shapes] [--output DIR]
 """
 import argparse
 import json
@@ -32,11 +37,6 @@ from textspan.methods._vit import trace
 from textspan.metrics import normalise_map, segmentation_scores
 from textspan.text import encode_texts
 from textspan.visualize import upsample
-
-
-def pointing(maps, masks):
-    hits = [mask.ravel()[np.argmax(m)] for m, mask in zip(maps, masks)]
-    return float(np.mean(hits) * 100)
 
 
 def prompts_for(labels):
@@ -69,6 +69,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=4321)
+    ap.add_argument("--objects", type=int, default=1, choices=[1, 2])
     ap.add_argument("--model", default="shapes")
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--methods", default="all", help="comma-separated explainers, or all")
@@ -81,8 +82,10 @@ def main():
     if args.published_legrad:
         import legrad  # legrad-torch 1.1; it hooks the model it wraps, so it gets its own copy
         published = legrad.LeWrapper(textspan.load_model(args.model, args.pretrained)[0].eval(), layer_index=-2)
-    samples = [world.sample(args.seed, i) for i in range(args.n)]
-    masks = [s.mask for s in samples]
+    samples = [world.sample(args.seed, i, n_objects=args.objects) for i in range(args.n)]
+    # a case: (sample index, the described object's labels, its mask)
+    cases = [(i, obj, m) for i, s in enumerate(samples) for obj, m in zip(s.objects, s.masks)]
+    masks = [m for _, _, m in cases]
     size = world.SIZE
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     gauss = np.exp(-((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (2 * (size / 4) ** 2))
@@ -96,14 +99,15 @@ def main():
         results["chefer (all blocks, cosine)"] = []
     if published is not None:
         results["legrad (published code)"] = []
-    results["gaussian"] = [normalise_map(gauss)] * args.n
+    results["gaussian"] = [normalise_map(gauss)] * len(cases)
     seconds = {m: 0.0 for m in methods}
     for i in range(0, args.n, 100):
         chunk = samples[i:i + 100]
         x = builtin.preprocess_batch(np.stack([s.image for s in chunk]))
-        for k, s in enumerate(chunk):
-            T = torch.from_numpy(encode_texts(model, tok, prompts_for(s.labels)))
-            true = world.SHAPES.index(s.labels["shape"])
+        for index, obj, _ in (c for c in cases if i <= c[0] < i + 100):
+            k = index - i
+            T = torch.from_numpy(encode_texts(model, tok, prompts_for(obj)))
+            true = world.SHAPES.index(obj["shape"])
             for m in methods:
                 t0 = time.perf_counter()
                 rel = target_maps(model, x[k:k + 1], T, [true], m)[0]
@@ -129,21 +133,22 @@ def main():
     for name, maps in results.items():
         sc = segmentation_scores(maps, masks)
         table[name] = {"pixel_accuracy": round(sc["pixel_accuracy"], 2), "miou": round(sc["miou"], 2),
-                       "map": round(sc["map"], 2), "pointing": round(pointing(maps, masks), 2)}
+                       "map": round(sc["map"], 2), "pointing": round(sc["pointing"], 2)}
         table[name]["seconds"] = round(seconds.get(name, 0.0), 2)
-    print(f"{'method':<24}{'pixel acc':>10}{'mIoU':>8}{'mAP':>8}{'pointing':>10}{'time (s)':>10}   ({args.n} images)")
+    print(f"{'method':<24}{'pixel acc':>10}{'mIoU':>8}{'mAP':>8}{'pointing':>10}{'time (s)':>10}   ({args.n} images, "
+          f"{args.objects} object(s) each: {len(cases)} objects scored)")
     for name, r in table.items():
         print(f"{name:<24}{r['pixel_accuracy']:>10.2f}{r['miou']:>8.2f}{r['map']:>8.2f}{r['pointing']:>10.2f}"
               f"{r['seconds']:>10.2f}")
     if published is not None:
         print(f"published LeGrad against textspan's upsampled min-max maps: largest difference {published_diff:.3g}")
-    features = block_features(model, tok, samples)
+    features = block_features(model, tok, samples) if args.objects == 1 else {}
     print("zero-shot shape accuracy (%) of the image feature at each block (ln_post, proj; 5 prompts, chance 20%):")
     for name, accs in features.items():
         print(f"  {name:<18}" + "".join(f"  block {l}: {a:5.1f}" for l, a in enumerate(accs)))
     if args.output:
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / "shapes_segmentation.json").write_text(
+        (Path(args.output) / f"shapes_segmentation_{args.objects}.json").write_text(
             json.dumps({"maps": table, "block_feature_shape_accuracy": features,
                         "published_legrad_max_difference": published_diff if published is not None else None},
                        indent=1))
