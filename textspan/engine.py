@@ -58,6 +58,7 @@ class BlockTrace:
     heads_out: torch.Tensor
     y: torch.Tensor
     x_out: torch.Tensor
+    hidden: Optional[torch.Tensor] = None  # [b, N, d_mlp] the MLP's pre-activation, when it is Linear-act-Linear
 
 
 @dataclass(eq=False)
@@ -172,7 +173,11 @@ class Block:
         used = probs if delta is None else probs + delta
         heads_out = self.merge_heads(used @ v)
         y = self.after_heads(x, heads_out)
-        return BlockTrace(x_in=x, q=q, k=k, v=v, probs=probs, heads_out=heads_out, y=y, x_out=self.after_mlp(y))
+        if self.fc_in is None:
+            return BlockTrace(x_in=x, q=q, k=k, v=v, probs=probs, heads_out=heads_out, y=y, x_out=self.after_mlp(y))
+        hidden = self.fc_in(self.norm_mlp(y))  # the MLP's own steps, its pre-activation kept
+        x_out = y + self.scale_mlp(self.fc_out(self.act(hidden)))
+        return BlockTrace(x_in=x, q=q, k=k, v=v, probs=probs, heads_out=heads_out, y=y, x_out=x_out, hidden=hidden)
 
     def forward_cls(self, x: torch.Tensor, keep_values: bool = False,
                     query: str = "cls") -> Tuple[torch.Tensor, ClsState]:

@@ -58,7 +58,7 @@ def _layer_relevance(tower, block, t, T) -> torch.Tensor:
     gain = block.head_gain.reshape(1, 1, H, 1, 1) if block.head_gain is not None else None
     out = torch.empty(b, P, N, dtype=T.dtype, device=T.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, b * H * N * N, b * N * 4 * t.y.shape[-1]))
-    tail = _MeanTail(block, t.y)
+    tail = _MeanTail(block, t.y, t.hidden)
     for s in range(0, P, step):
         d_y = tail.vjp(cot_m[s:s + step])  # [p, b, N, D]
         g = (d_y @ w_g).reshape(-1, b, N, H, dh).transpose(2, 3)  # [p, b, H, N, dh]: at (probs @ v)
@@ -99,7 +99,7 @@ class _MeanTail:
     (ln_2 not a LayerNorm, or an MLP other than Linear -> elementwise activation -> Linear) go through torch.func
     instead."""
 
-    def __init__(self, block, y):
+    def __init__(self, block, y, hidden=None):
         self.block, self.y = block, y
         self.fast = block.norm_mlp_affine is not None and block.fc_in is not None
         if not self.fast:
@@ -110,8 +110,9 @@ class _MeanTail:
             self.rstd = (y.var(dim=-1, unbiased=False, keepdim=True) + eps).rsqrt()
             self.yhat = (y - mu) * self.rstd
             self.ln_w = ln_w if ln_w is not None else torch.ones_like(mu[0, 0].expand(y.shape[-1]))
-            z = self.yhat * self.ln_w + (ln_b if ln_b is not None else 0)
-            h = block.fc_in(z)
+            if hidden is None:  # the trace's pre-activation when it kept one
+                hidden = block.fc_in(self.yhat * self.ln_w + (ln_b if ln_b is not None else 0))
+            h = hidden
         with torch.enable_grad():
             h = h.detach().requires_grad_(True)
             self.act_grad = torch.autograd.grad(block.act(h).sum(), h)[0]  # elementwise activation: its derivative
