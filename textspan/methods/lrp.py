@@ -120,27 +120,39 @@ def head_relevance(tower, x_final: torch.Tensor, T: torch.Tensor) -> torch.Tenso
     return out
 
 
-def block_relevance(block, s: _Saved, R: torch.Tensor, stop_at_attention: bool = False) -> torch.Tensor:
+def block_relevance(block, s: _Saved, R: torch.Tensor, stop_at_attention: bool = False,
+                    cls_only: bool = False) -> torch.Tensor:
     """Relevance at the block's input from R [P, b, N, D] at its output; with ``stop_at_attention``, the relevance
-    of the attention probabilities instead ([P, b, head, N, N], after the published halving)."""
-    S = safe_divide(R, s.y + s.mlp_out)
-    R_y, R_m = s.y * S, s.mlp_out * S
-    R_m = linear_rule(linear_rule(R_m, s.g, block.fc_out.weight), s.m, block.fc_in.weight)
-    R = s.y * (safe_divide(R_y, s.y) + safe_divide(R_m, s.y))
-    S = safe_divide(R, s.x + s.attn_out)
-    R_x, R_a = s.x * S, s.attn_out * S
-    R_h = linear_rule(R_a, s.heads, block.w_out)  # [P, b, N, D]
-    R_o = R_h.unflatten(-1, (block.n_heads, -1)).transpose(-3, -2)  # [P, b, H, N, dh]
-    S = safe_divide(R_o, s.o)
-    R_attn = s.probs * (S @ s.v.transpose(-1, -2)) / 2
+    of the attention probabilities instead ([P, b, head, rows, N], after the published halving). ``cls_only``: R is
+    zero but at the CLS token (the last block), so the token-wise rules run on that row only; the result is the same
+    as on every row (the other rows' relevance is 0 exactly)."""
+    r = slice(0, 1) if cls_only else slice(None)
+    y, mlp_out, x, attn_out = s.y[:, r], s.mlp_out[:, r], s.x[:, r], s.attn_out[:, r]
+    R = R[..., r, :]
+    S = safe_divide(R, y + mlp_out)
+    R_y, R_m = y * S, mlp_out * S
+    R_m = linear_rule(linear_rule(R_m, s.g[:, r], block.fc_out.weight), s.m[:, r], block.fc_in.weight)
+    R = y * (safe_divide(R_y, y) + safe_divide(R_m, y))
+    S = safe_divide(R, x + attn_out)
+    R_x, R_a = x * S, attn_out * S
+    R_h = linear_rule(R_a, s.heads[:, r], block.w_out)  # [P, b, rows, D]
+    R_o = R_h.unflatten(-1, (block.n_heads, -1)).transpose(-3, -2)  # [P, b, H, rows, dh]
+    S = safe_divide(R_o, s.o[:, :, r])
+    probs = s.probs[:, :, r]
+    R_attn = probs * (S @ s.v.transpose(-1, -2)) / 2
     if stop_at_attention:
         return R_attn
-    R_v = s.v * (s.probs.transpose(-1, -2) @ S) / 2
-    S = safe_divide(R_attn, s.qn @ s.kn.transpose(-1, -2))
-    R_q = s.qn * (S @ s.kn) / 2
-    R_k = s.kn * (S.transpose(-1, -2) @ s.qn) / 2
+    R_v = s.v * (probs.transpose(-1, -2) @ S) / 2
+    qn = s.qn[:, :, r]
+    S = safe_divide(R_attn, qn @ s.kn.transpose(-1, -2))
+    R_q = qn * (S @ s.kn) / 2
+    R_k = s.kn * (S.transpose(-1, -2) @ qn) / 2
     merge = lambda t: t.transpose(-3, -2).flatten(-2)  # noqa: E731  [.., H, N, dh] -> [.., N, H * dh]
-    R_an = linear_rule(torch.cat([merge(R_q), merge(R_k), merge(R_v)], dim=-1), s.a, block.w_in)
+    R_q, R_k, R_v = merge(R_q), merge(R_k), merge(R_v)
+    if cls_only:  # back to every row: the others hold no relevance
+        R_q = torch.cat([R_q, R_q.new_zeros(*R_q.shape[:-2], s.x.shape[1] - 1, R_q.shape[-1])], dim=-2)
+        R_x = torch.cat([R_x, R_x.new_zeros(*R_x.shape[:-2], s.x.shape[1] - 1, R_x.shape[-1])], dim=-2)
+    R_an = linear_rule(torch.cat([R_q, R_k, R_v], dim=-1), s.a, block.w_in)
     return s.x * (safe_divide(R_x, s.x) + safe_divide(R_an, s.x))
 
 
@@ -170,6 +182,6 @@ def lrp(tower, images, T):
     tok, pos, saved = forward_saved(tower, images)
     with torch.no_grad():
         R = head_relevance(tower, saved[-1].x_out, T)
-        for block, s in zip(reversed(tower.blocks), reversed(saved)):
-            R = block_relevance(block, s, R)
+        for i, (block, s) in enumerate(zip(reversed(tower.blocks), reversed(saved))):
+            R = block_relevance(block, s, R, cls_only=i == 0)  # the last block: relevance at CLS only
     return patch_relevance(tower, images, tok, pos, R).transpose(0, 1)

@@ -20,6 +20,6 @@ def partial_lrp(tower, images, T):
     with torch.no_grad():
         s = _Saved(last, last_block_input(tower, images))
         R = head_relevance(tower, s.x_out, T)
-        R_attn = block_relevance(last, s, R, stop_at_attention=True)  # [P, b, H, N, N]
+        R_attn = block_relevance(last, s, R, stop_at_attention=True, cls_only=True)  # [P, b, H, 1, N]
         cls_row = R_attn.clamp(min=0).mean(dim=2)[:, :, 0]  # [P, b, N]
     return patch_columns(cls_row, tower.grid_of(images)).transpose(0, 1)
