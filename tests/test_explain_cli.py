@@ -148,7 +148,7 @@ def test_segment_eval_scores_each_object_of_two_object_images(world_dir, tmp_pat
     mask = np.asarray(Image.open((tmp_path / "w2" / "masks" / image_rel).with_suffix("") / f"{cls}.png")) > 0
     want = segmentation_row(normalise_map(upsample(m, x.shape[-2:]).numpy()), mask)
     for key in ("pixel_accuracy", "iou_foreground", "ap", "pointing"):
-        assert float(first[key]) == pytest.approx(want[key], abs=1e-6), key
+        assert float(first[key]) == pytest.approx(want[key], abs=1e-3), key  # percent; batched float32 maps
     # an object mask naming no class of the classifier is a failure naming the image, the rest is scored
     extra = next(d for d in (tmp_path / "w2" / "masks").glob("*/*") if d.is_dir()) / "dragon.png"
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(extra)

@@ -319,7 +319,8 @@ def heatmap(images, model_name, pretrained, device, prompts, heads, layers, abso
 @run_options
 def segment_eval(data, model_name, pretrained, device, classifier, classes, templates, target, samples, method,
                  method_option, batch_size, output, overwrite, quiet):
-    """Zero-shot segmentation of DATA (gtsegs_ijcv.mat, or images/ and masks/) with an explainer's maps."""
+    """Zero-shot segmentation of DATA (gtsegs_ijcv.mat, or images/ and masks/; masks/REL/CLASS.png per object for
+    images with several objects) with an explainer's maps."""
     from .image_jobs import evaluate_segmentation
 
     res = evaluate_segmentation(data, output, model_name, pretrained, classes=classes, templates=templates,
