@@ -267,7 +267,23 @@ def test_refusals_name_the_reason():
 
 # ---- explainers on attention-pooled towers -------------------------------------------------------------------------
 
-POOLED = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer")
+POOLED = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer", "m2ib")
+
+
+def test_every_method_runs_or_refuses_with_the_reason_on_transformers_towers():
+    """transformers CLIP runs every method; transformers SigLIP runs the pooled ones and refuses the rest by name."""
+    x = _images(2, dtype=torch.float32)
+    for build, runs in ((hf_clip, textspan.list_methods()), (hf_siglip, POOLED)):
+        m = build(seed=1)
+        d = textspan.engine.read_tower(m).d_embed
+        T = F.normalize(torch.randn(2, d, generator=torch.Generator().manual_seed(2)), dim=-1)
+        for method in textspan.list_methods():
+            if method in runs:
+                maps = textspan.explain(m, x, T, method=method, **({"steps": 2} if method == "m2ib" else {}))
+                assert maps.shape == (2, 2, 4, 4) and torch.isfinite(maps).all(), (build.__name__, method)
+            else:
+                with pytest.raises(textspan.UnsupportedModelError, match="CLS token"):
+                    textspan.explain(m, x, T, method=method)
 
 
 @pytest.mark.parametrize("method", POOLED)
