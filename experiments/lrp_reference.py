@@ -21,11 +21,13 @@ Measured (ViT-B-16, random init, 2 images x 2 prompts): in float64 textspan and 
 (lrp) and 1.6e-12 (partial_lrp), relative to the map's largest value; in float32 to 6.8e-5 and 2.5e-3. The float32
 gap is the rules' own conditioning (relevance divided by pre-activations + 1e-9, some near 0): the published code in
 float32 differs from itself in float64 by 1.3 (lrp, relative to the map's largest value) and 8.9e-4 (partial_lrp).
+Time, 2 images x 3 prompts, float32, 2 CPU threads: published layers 15.1 s, textspan's lrp 4.4 s.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -124,17 +126,22 @@ def main() -> None:
     theirs = composed(visual, T, published).to(dtype)
     with torch.no_grad():
         want = F.normalize(model.encode_image(x), dim=-1) @ T.t()
+    start = time.perf_counter()
     full = textspan.explain(model, x, T, method="lrp")
+    t_ours = time.perf_counter() - start
     part = textspan.explain(model, x, T, method="partial_lrp")
+    t_theirs = 0.0
     g = size // patch
     worst_fwd = worst_full = worst_part = 0.0
     for b in range(args.images):
         for p in range(args.prompts):
+            start = time.perf_counter()
             out = theirs(x[b:b + 1])
-            worst_fwd = max(worst_fwd, float((out[0].detach() - want[b]).abs().max()))
             one_hot = torch.zeros(1, args.prompts, dtype=dtype)
             one_hot[0, p] = 1
             pixels = theirs.relprop(one_hot, "full", alpha=1)[0].detach()
+            t_theirs += time.perf_counter() - start
+            worst_fwd = max(worst_fwd, float((out[0].detach() - want[b]).abs().max()))
             per_patch = pixels.reshape(g, patch, g, patch).sum(dim=(1, 3))
             worst_full = max(worst_full, float((per_patch - full[b, p]).abs().max() / per_patch.abs().max()))
             theirs(x[b:b + 1])
@@ -146,6 +153,8 @@ def main() -> None:
     print(f"  lrp (method='full', pixel map summed per patch): largest difference relative to the map's largest "
           f"value {worst_full:.1e}")
     print(f"  partial_lrp (method='last_layer'): {worst_part:.1e}")
+    print(f"  lrp time for all images and prompts: published layers {t_theirs:.2f} s (one forward and relprop per "
+          f"image and prompt), textspan {t_ours:.2f} s ({t_theirs / t_ours:.1f}x faster)")
 
 
 if __name__ == "__main__":
