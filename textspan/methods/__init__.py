@@ -19,12 +19,14 @@ from ._vit import prepare, untouched
 from ..errors import BadInputError
 
 _REGISTRY: Dict[str, Callable] = {}
-_MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip", "clip_surgery", "m2ib", "lrp", "partial_lrp")
+_MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip",
+            "clip_surgery", "m2ib", "lrp", "partial_lrp")
 
 
 def register(name: str):
-    """Decorator: register `fn(tower, images, T, **options) -> [b, P, gh, gw]` (tower: a `textspan.engine.Tower`) under `name` (`explain` checks the
-    inputs, moves them to the model's device and dtype, and guards the model around the call)."""
+    """Decorator: register `fn(tower, images, T, **options) -> [b, P, gh, gw]` (tower: a `textspan.engine.Tower`)
+    under `name` (`explain` checks the inputs, moves them to the model's device and dtype, and guards the model
+    around the call)."""
     def wrap(fn):
         _REGISTRY[name] = fn
         return fn
