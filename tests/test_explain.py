@@ -600,7 +600,7 @@ def test_legrad_fast_tail_equals_autograd(model, images):
     tower = read_tower(model)
     t = trace(tower, images, [1])[1]
     cot = torch.randn(4, images.shape[0], t.y.shape[-1], dtype=t.y.dtype)
-    tail = _MeanTail(tower.blocks[1], t.y)
+    tail = _MeanTail(tower.blocks[1], t.y, t.hidden)
     assert tail.fast
     want = batched_vjp(lambda v: model.visual.transformer.resblocks[1].ls_2(
         model.visual.transformer.resblocks[1].mlp(model.visual.transformer.resblocks[1].ln_2(v))).add(v).mean(dim=1),

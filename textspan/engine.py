@@ -134,12 +134,24 @@ class Block:
             return self.q_norm(q), self.k_norm(k)
         return q, k
 
+    def _unit(self, q: torch.Tensor, k: torch.Tensor):
+        """(qk-normed) q and k as the logits multiply them: unit length under scaled cosine attention."""
+        if self.cosine_scale is not None:
+            return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return q, k
+
+    def logit_operands(self, q: torch.Tensor, k: torch.Tensor):
+        """(q', k') from per-head q, k: the logits are q' k'^T times the block's scale (qk-norm applied, and unit
+        length under scaled cosine attention)."""
+        return self._unit(*self._normed(q, k))
+
     def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Pre-softmax attention logits [b, head, rows, N] of (qk-normed) queries and keys."""
+        qu, ku = self._unit(q, k)
         if self.cosine_scale is not None:  # scaled cosine attention
             scale = torch.clamp(self.cosine_scale, max=self.cosine_scale_max).exp()  # [head, 1, 1]
-            return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
-        return q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
+            return qu @ ku.transpose(-1, -2) * scale
+        return qu @ ku.transpose(-1, -2) * (q.shape[-1] ** -0.5)
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """[b, head, rows, N] post-softmax attention of the query rows q over the keys k."""
@@ -372,16 +384,21 @@ class Tower:
         patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
         return torch.cat([pos[:p], patch], dim=0)
 
-    def embed(self, images: torch.Tensor, antialias: bool = True) -> torch.Tensor:
-        """[b, N, d_model]: norm_pre(patches + CLS (when the tower has one) + positions)."""
+    def embed_parts(self, images: torch.Tensor, antialias: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [b, N, d_model]: CLS (when the tower has one) and the patch embeddings, before the positions;
+        positions [N, d_model]): the two terms `embed` adds."""
         x = self.patch_embed(images)  # [batch, d_model, grid_h, grid_w]
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [batch, grid tokens, d_model]
         if self.cls_token is not None:
             cls = self.cls_token.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
-        x = x + self.positions(grid, antialias).to(x.dtype)
-        return self.norm_pre(x)
+        return x, self.positions(grid, antialias).to(x.dtype)
+
+    def embed(self, images: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+        """[b, N, d_model]: norm_pre(patches + CLS (when the tower has one) + positions)."""
+        tokens, positions = self.embed_parts(images, antialias)
+        return self.norm_pre(tokens + positions)
 
     def pool(self, x_cls: torch.Tensor) -> torch.Tensor:
         """[b, d_embed]: the unnormalised embedding from the final residual stream at CLS (final norm, projection)."""

@@ -342,12 +342,14 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
             pending.clear()
             save()  # a batch's rows are saved whole or not at all
 
+        def align(m):  # a mask through the preprocessing's geometric steps
+            return seg.mask_array(to_mask(Image.fromarray(m.astype(np.uint8) * 255)))
+
         for name, im, mask, err in tqdm(entries, disable=quiet, desc="segmentation", unit="img"):
             consumed += 1
             if err is not None:
                 failures.append({"item": str(name), "error": err})
                 continue
-            align = lambda m: seg.mask_array(to_mask(Image.fromarray(m.astype(np.uint8) * 255)))  # noqa: E731
             aligned = {c: align(m) for c, m in mask.items()} if isinstance(mask, dict) else align(mask)
             pending.append((str(name), im, aligned))
             if len(pending) == batch_size:

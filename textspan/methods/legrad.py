@@ -99,22 +99,19 @@ class _MeanTail:
     (ln_2 not a LayerNorm, or an MLP other than Linear -> elementwise activation -> Linear) go through torch.func
     instead."""
 
-    def __init__(self, block, y, hidden=None):
+    def __init__(self, block, y, hidden):
         self.block, self.y = block, y
         self.fast = block.norm_mlp_affine is not None and block.fc_in is not None
         if not self.fast:
             return
-        ln_w, ln_b, eps = block.norm_mlp_affine
+        ln_w, _, eps = block.norm_mlp_affine
         with torch.no_grad():
             mu = y.mean(dim=-1, keepdim=True)
             self.rstd = (y.var(dim=-1, unbiased=False, keepdim=True) + eps).rsqrt()
             self.yhat = (y - mu) * self.rstd
             self.ln_w = ln_w if ln_w is not None else torch.ones_like(mu[0, 0].expand(y.shape[-1]))
-            if hidden is None:  # the trace's pre-activation when it kept one
-                hidden = block.fc_in(self.yhat * self.ln_w + (ln_b if ln_b is not None else 0))
-            h = hidden
         with torch.enable_grad():
-            h = h.detach().requires_grad_(True)
+            h = hidden.detach().requires_grad_(True)  # the trace's MLP pre-activation (kept when fc_in exists)
             self.act_grad = torch.autograd.grad(block.act(h).sum(), h)[0]  # elementwise activation: its derivative
         self.ls2 = _gamma(block.scale_mlp_gamma, y)
 

@@ -68,10 +68,7 @@ class _Saved:
         self.a = block.norm_attn(x)
         self.q, self.k, self.v = block.qkv_normed(self.a)
         self.probs = block.attention_probs(self.q, self.k)
-        qn, kn = block._normed(self.q, self.k)
-        if block.cosine_scale is not None:
-            qn, kn = F.normalize(qn, dim=-1), F.normalize(kn, dim=-1)
-        self.qn, self.kn = qn, kn  # what the logits multiply (unscaled)
+        self.qn, self.kn = block.logit_operands(self.q, self.k)  # what the logits multiply (unscaled)
         self.o = self.probs @ self.v
         self.heads = block.merge_heads(self.o)
         self.attn_out = block.scale_attn(F.linear(self.heads, block.w_out, block.b_out))
@@ -85,12 +82,7 @@ class _Saved:
 def forward_saved(tower, images) -> tuple:
     """(tokens before the position add [b, N, D], positions [N, D], per-block `_Saved`), no autograd."""
     with torch.no_grad():
-        x = tower.patch_embed(images)
-        grid = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        cls = tower.cls_token.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        tok = torch.cat([cls, x], dim=1)
-        pos = tower.positions(grid).to(x.dtype)
+        tok, pos = tower.embed_parts(images)
         x = tower.norm_pre(tok + pos)
         saved: List[_Saved] = []
         for block in tower.blocks:
@@ -106,12 +98,9 @@ def head_relevance(tower, x_final: torch.Tensor, T: torch.Tensor) -> torch.Tenso
         n = tower.norm_final(x_final[:, 0])  # [b, D]
         e = n @ tower.projection if tower.projection is not None else n
         e_hat = F.normalize(e, dim=-1)
-        pw, nw = T.clamp(min=0), T.clamp(max=0)  # the text head: weight [P, d] (one output per prompt)
-        px, nx = e_hat.clamp(min=0), e_hat.clamp(max=0)
-        z1, z2 = px @ pw.t(), nx @ nw.t()  # [b, P]
-        one = torch.ones_like(z1)
-        s1, s2 = safe_divide(one, z1 + z2).t(), safe_divide(one, z2 + z2).t()  # [P, b]
-        R = px * (s1[..., None] * pw[:, None]) + nx * (s2[..., None] * nw[:, None])  # [P, b, d]
+        # the text head (weight T: one output per prompt), from the published one-hot relevance at each prompt
+        one_hot = torch.eye(T.shape[0], dtype=T.dtype, device=T.device)[:, None].expand(-1, e_hat.shape[0], -1)
+        R = linear_rule(one_hot, e_hat, T)  # [P, b, d]
         if tower.projection is not None:
             R = linear_rule(R, n, tower.projection.t())
         R = n * safe_divide(R, n)  # the CLS selection

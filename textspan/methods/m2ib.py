@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import BadInputError
 from . import register
-from ._vit import stream_before
+from ._vit import patch_columns, stream_before
 
 INITIAL_ALPHA = 5.0
 
@@ -69,7 +69,7 @@ def m2ib(tower, images, T, layer: Optional[int] = None, beta: float = 0.1, steps
         prm = [p for _, p in part]
         cap = _optimise(tower, x[imgs], T[prm], layer, float(beta), int(steps), float(lr), int(samples), int(seed))
         out[imgs, prm] = torch.nansum(cap, dim=-1)
-    return out[..., N - tower.grid_of(images)[0] * tower.grid_of(images)[1]:].reshape(b, P, *tower.grid_of(images))
+    return patch_columns(out, tower.grid_of(images))
 
 
 def _optimise(tower, x, t, layer, beta, steps, lr, samples, seed) -> torch.Tensor:
