@@ -327,8 +327,10 @@ def segment_eval(data, model_name, pretrained, device, classifier, classes, temp
                                 classifier=classifier, target=target, samples=samples, method=method,
                                 options=_method_options(method, method_option), batch_size=batch_size, device=device,
                                 overwrite=overwrite, quiet=quiet, notify=notify)
+    scored = "maps scored, one per object" if "by_objects" in res else "images"
+    pointing = f"pointing {res['pointing']:.1f}%  " if res["pointing"] is not None else ""  # None: rows of old runs
     click.echo(f"pixel accuracy {res['pixel_accuracy']:.2f}%  mIoU {res['miou']:.2f}%  mAP {res['map']:.2f}%  "
-               f"({res['n_images']} images, {len(res['failures'])} failed)")
+               f"{pointing}({res['n_images']} {scored}, {len(res['failures'])} failed)")
 
 
 @main.command("perturb-eval")
