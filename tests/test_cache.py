@@ -247,6 +247,7 @@ def test_list_files(tmp_path):
         ImageList.from_path(tmp_path / "bad.csv")
 
 
+@pytest.mark.slow
 def test_streaming_memory_is_bounded():
     """benchmarks/bench_cache_memory.py: 4000 images cost no more memory than 400 (results are streamed)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cache_memory.py"
@@ -259,6 +260,7 @@ def test_streaming_memory_is_bounded():
     assert r["difference_mb"] < 100, r
 
 
+@pytest.mark.slow
 def test_torchrun_refuses_a_mismatched_cache_on_every_rank(tmp_path, local_model):
     name, _, _ = local_model
     write_images(tmp_path / "imgs", 4)

@@ -214,11 +214,17 @@ def test_clip_surgery_matches_the_published_code(model, images, prompts, layers,
             x_new = torch.cat([x_ori[:1], x_new[1:]])
             f = v_.ln_post(x_new) @ v_.proj  # [N, d']
             f = (f / f.norm(dim=0, keepdim=True))[None]  # the published norm over the tokens (dim 1 of [b, N, d'])
-            prob = (f @ texts.t() * 2).softmax(-1)
+            # clip.py's clip_feature_surgery (redundant_feats=None), line by line, on one image as published:
+            # the weights come from the CLS token's similarities only
+            prob = f[:, :1, :] @ texts.t()
+            prob = (prob * 2).softmax(-1)
             w = prob / prob.mean(-1, keepdim=True)
-            feats = f.reshape(1, f.shape[1], 1, -1) * texts.reshape(1, 1, texts.shape[0], -1)
-            feats = feats * w.reshape(1, f.shape[1], texts.shape[0], 1)
-            sim = (feats - feats.mean(2, keepdim=True)).sum(-1)[0]  # [N, n_texts]
+            nb, n_t, n_i, c = f.shape[0], texts.shape[0], f.shape[1], f.shape[2]
+            feats = f.reshape(nb, n_i, 1, c) * texts.reshape(1, 1, n_t, c)
+            feats *= w.reshape(1, 1, n_t, 1)
+            redundant = feats.mean(2, keepdim=True)
+            feats = feats - redundant
+            sim = feats.sum(-1)[0]  # [N, n_texts]
         assert torch.allclose(got[b].flatten(1), sim[1:, :prompts.shape[0]].t(), atol=1e-12)
     with pytest.raises(ValueError, match="one text"):
         explain(model, images, prompts[:1], method="clip_surgery")

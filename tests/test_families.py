@@ -191,8 +191,8 @@ def test_load_local_folder_and_jobs(siglip_folder, tmp_path):
     with torch.no_grad():
         ref = F.normalize(engine.library_image_embedding(model, x), dim=-1).numpy()
     assert np.abs(ref - np.asarray(c.embeddings[:2])).max() < 1e-5
-    abl = textspan.ablate_cache(tmp_path / "cache", tmp_path / "abl", classes=["circle", "square", "triangle", "star",
-                                                                      "cross"])
+    abl = textspan.ablate_cache(tmp_path / "cache", tmp_path / "abl",
+                                classes=["circle", "cross", "square", "star", "triangle"])  # the cache's order
     assert "cls_to_cls" not in abl.results and len(abl.results["single_heads"]) == 3
     textspan.write_shapes_waterbirds(tmp_path / "wb", 0, 16, 16)
     textspan.cache_images(tmp_path / "wb", tmp_path / "wb_cache", str(siglip_folder), split="test", batch_size=8)

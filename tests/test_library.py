@@ -91,7 +91,8 @@ def world(tmp_path_factory):
     textspan.write_shapes_world(tmp / "w", 40, seed=5)
     res = textspan.cache_images(tmp / "w" / "images", tmp / "cache", "shapes", device="cpu", batch_size=16)
     assert res.rows == 40 and (tmp / "cache" / "run.json").is_file()
-    (tmp / "classes.txt").write_text("\n".join(textspan.world.SHAPES) + "\n")
+    # in the cache's class order (its folders, sorted): the world's own order would shift every label
+    (tmp / "classes.txt").write_text("\n".join(sorted(textspan.world.SHAPES)) + "\n")
     return tmp
 
 

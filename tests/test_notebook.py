@@ -7,6 +7,7 @@ import pytest
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "tour_shapes.ipynb"
 
 
+@pytest.mark.slow
 def test_the_tour_notebook_runs(tmp_path, monkeypatch):
     # the kernel imports this checkout's textspan, installed or not
     root = str(NOTEBOOK.parent.parent)

@@ -82,7 +82,11 @@ def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map
     directions = _directions(c, lab, heads, notify)
     abl = _read_ablations(ablations, L, H) if ablations is not None else None
     out = Path(output)
-    with RunFolder(out, "atlas", overwrite=overwrite) as run:
+    settings = dict(cache_fingerprint=c.manifest["fingerprint"], cache_images=c.manifest.get("images_digest"),
+                    cache_rows=len(c), labels_bank=lab.bank_digest, labels_heads=[head_name(*k) for k in heads],
+                    labels_n_texts=lab.n_texts, labels_rank=lab.rank, ablations=None if ablations is None else str(Path(ablations).resolve()),
+                    n_images=n_images, map_images=map_images if maps else 0)
+    with RunFolder(out, "atlas", settings, overwrite=overwrite) as run:
         for sub in ("heads", "thumbs", "assets"):
             (out / sub).mkdir(exist_ok=True)
         for f in ASSETS.iterdir():

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .datasets import ImageDataset, ImageList, collate_with_failures
 from .decomposition import decompose
-from .errors import BadInputError, CacheMismatchError, FolderBusyError, InputNotFoundError
-from .store import FolderLock, write_json_atomic, write_run_json
+from .errors import (BadInputError, CacheMismatchError, CorruptCacheError, FolderBusyError, FolderMismatchError,
+                     InputNotFoundError)
+from .store import FolderLock, read_json, write_json_atomic, write_run_json
 from .store import now as _now
 from .models import fingerprint as model_fingerprint
 from .models import model_info
@@ -65,6 +66,8 @@ def array_shapes(info) -> dict:
     if info.pooling != "cls":
         shapes["pool_heads"] = (info.n_pool_heads, info.d_embed)
     return shapes
+# images.csv is UTF-8; a file name that is not (Linux allows any bytes) keeps its bytes, so the path still opens
+CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 DTYPES = {"float32": np.float32, "float16": np.float16}
 # Settings that must agree for a rerun to resume (anything else, e.g. batch size, may change).
 IDENTITY_KEYS = ("model", "pretrained", "fingerprint", "image_size", "dtype", "images_digest", "n_images",
@@ -137,16 +140,100 @@ class NpyRows:
 
 
 def read_manifest(folder: Path) -> Optional[dict]:
-    p = Path(folder) / "manifest.json"
-    if not p.is_file():
-        return None
-    with open(p) as f:
-        return json.load(f)
+    """The cache's manifest.json (None when there is none; unreadable JSON is an error naming the file)."""
+    return read_json(Path(folder) / "manifest.json")
 
 
 def _describe_mismatch(old: dict, new: dict) -> List[str]:
     return [f"{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}" for k in IDENTITY_KEYS
             if old.get(k) != new.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checks
+
+
+def _corrupt(folder: Path, manifest: dict, text: str) -> CorruptCacheError:
+    if manifest.get("complete"):
+        todo = "rebuild it with the same `textspan cache` command and --overwrite"
+    else:
+        todo = ("rerun the same `textspan cache` command to resume it (or add --overwrite to rebuild it when the "
+                "resume is refused)")
+    return CorruptCacheError(f"{text}. The cache in {folder} is damaged: {todo}")
+
+
+def npy_header(path: Path) -> Tuple[tuple, np.dtype, int]:
+    """(shape, dtype, data offset) of a .npy file; ValueError when the header cannot be read."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise ValueError("fortran-ordered")
+        return tuple(shape), np.dtype(dtype), f.tell()
+
+
+def check_cache(folder, manifest: Optional[dict] = None, rows: Optional[Tuple[int, ...]] = None) -> dict:
+    """Check that a cache folder's files agree with each other and with its manifest; returns the manifest.
+
+    - every array the manifest lists exists, has a readable .npy header, the manifest's row shape and dtype, one of
+      `rows` rows (default: ``rows_done``; an unfinished cache is preallocated for all its images) and exactly the bytes
+      its header promises (a file cut short is caught here);
+    - ``rows_done`` is a whole number no larger than the images listed, and, for a finished cache, images.csv holds
+      exactly ``rows_done`` records (parsed as CSV), numbered 0, 1, ... in its ``row`` column.
+
+    Raises `CorruptCacheError` naming the file, what was expected and what was found, and what to do."""
+    folder = Path(folder)
+    m = read_manifest(folder) if manifest is None else manifest
+    if m is None:
+        raise InputNotFoundError(f"{folder}: no manifest.json (not a textspan cache)")
+    for key in ("rows_done", "next_index", "n_images", "arrays", "dtype"):
+        if key not in m:
+            raise _corrupt(folder, m, f"{folder / 'manifest.json'}: no {key!r} entry")
+    done = m["rows_done"]
+    if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= m["n_images"]:
+        raise _corrupt(folder, m, f"{folder / 'manifest.json'}: rows_done is {done!r}; expected a whole number from "
+                                  f"0 to {m['n_images']} (the images listed)")
+    allowed = (done,) if rows is None else tuple(rows)
+    dtype = np.dtype(DTYPES.get(m["dtype"], np.float32))
+    for name, shape in m["arrays"].items():
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            raise _corrupt(folder, m, f"{path} is missing")
+        try:
+            found_shape, found_dtype, offset = npy_header(path)
+        except (ValueError, OSError, EOFError) as exc:
+            raise _corrupt(folder, m, f"{path}: not a readable .npy file ({exc})") from None
+        expected = (found_shape[0] if found_shape[:1] and found_shape[0] in allowed else allowed[0],
+                    *[int(d) for d in shape[1:]])
+        if found_shape != expected:
+            raise _corrupt(folder, m, f"{path}: shape {found_shape}, expected {expected} (rows_done "
+                                      f"{done} in manifest.json)")
+        if found_dtype != dtype:
+            raise _corrupt(folder, m, f"{path}: dtype {found_dtype}, expected {dtype} (manifest.json)")
+        size = path.stat().st_size
+        need = offset + int(np.prod(expected, dtype=np.int64)) * dtype.itemsize
+        if size != need:
+            raise _corrupt(folder, m, f"{path}: {size} bytes, expected {need} for shape {expected} (the file was "
+                                      f"cut short or extended)")
+    table = folder / "images.csv"
+    if not table.is_file():
+        raise _corrupt(folder, m, f"{table} is missing")
+    if m.get("complete"):
+        with open(table, newline="", **CSV_ENCODING) as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or header[:2] != ["row", "path"]:
+                raise _corrupt(folder, m, f"{table}: header {header!r}, expected row, path, label, class_name, ...")
+            n = 0
+            for n, record in enumerate(reader, start=1):
+                if not record or record[0] != str(n - 1):
+                    raise _corrupt(folder, m, f"{table}, record {n}: row {record[0] if record else ''!r}, expected "
+                                              f"{n - 1}")
+        if n != done:
+            raise _corrupt(folder, m, f"{table}: {n} image records, expected {done} (rows_done in manifest.json and "
+                                      f"the arrays' rows)")
+    return m
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,28 +250,59 @@ class CacheResult:
 
 
 def _write_image_list(path: Path, images: ImageList) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", **CSV_ENCODING) as f:
         for p, y in zip(images.paths, images.labels):
             f.write(f"{p}\t{y}\n")
 
 
-def _truncate_csv(path: Path, rows: int, extra_columns=()) -> None:
-    """Keep the header and the first `rows` data lines of images.csv (drops uncommitted rows after a kill)."""
-    if not path.exists():
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(["row", "path", "label", "class_name", *extra_columns])
-        return
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    keep = lines[: 1 + rows]
-    with open(path, "wb") as f:
-        f.write(b"\n".join(keep) + b"\n")
+def _new_csv(path: Path, extra_columns=()) -> int:
+    """Write images.csv's header; returns its size in bytes (the committed length of an empty table)."""
+    with open(path, "w", newline="", **CSV_ENCODING) as f:
+        csv.writer(f).writerow(["row", "path", "label", "class_name", *extra_columns])
+    return path.stat().st_size
+
+
+def count_csv_records(path: Path) -> int:
+    """Data records of images.csv, parsed as CSV (a quoted path may hold a newline)."""
+    with open(path, newline="", **CSV_ENCODING) as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        return sum(1 for _ in reader)
+
+
+def _truncate_csv(path: Path, rows: int, committed_bytes: Optional[int]) -> None:
+    """Cut images.csv back to its header and first `rows` records (drops rows written after the last commit).
+    `committed_bytes`: its length at that commit (recorded in the manifest); caches written before that was
+    recorded are cut by CSV records. Refuses (CorruptCacheError) a table with fewer records than committed."""
+    if not path.is_file():
+        raise CorruptCacheError(f"{path} is missing ({rows} rows were committed); rerun with --overwrite to "
+                                f"rebuild the cache")
+    if committed_bytes is not None and path.stat().st_size >= committed_bytes:
+        with open(path, "r+b") as f:
+            f.truncate(committed_bytes)
+    else:
+        with open(path, newline="", **CSV_ENCODING) as f:
+            reader = csv.reader(f)
+            records = [r for _, r in zip(range(rows + 1), reader)]
+        with open(path, "w", newline="", **CSV_ENCODING) as f:
+            csv.writer(f).writerows(records)
+    found = count_csv_records(path)
+    if found != rows:
+        raise CorruptCacheError(f"{path}: {found} image rows, but manifest.json says {rows} rows are done; the "
+                                f"cache cannot be resumed safely: rerun with --overwrite to rebuild it")
 
 
 def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> Optional[dict]:
     """Return the manifest to resume from (None: fresh start). Refuses a folder made with other settings."""
     out.mkdir(parents=True, exist_ok=True)
+    record = read_json(out / "run.json")
+    if record and record.get("command") not in (None, "cache") and not overwrite:
+        raise FolderMismatchError(f"{out} holds the output of `textspan {record['command']}`, not a cache; write the "
+                                  f"cache to another folder (or --overwrite)")
     old = read_manifest(out)
+    if old is not None and old.get("format") != FORMAT and not overwrite:
+        raise CacheMismatchError(f"{out}/manifest.json is not a textspan cache's manifest (format "
+                                 f"{old.get('format')!r}); write the cache to another folder (or --overwrite)")
     if old is not None and not overwrite:
         problems = _describe_mismatch(old, settings)
         if problems:
@@ -222,16 +340,22 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
     if manifest is None:
         manifest = dict(settings, format=FORMAT, textspan_version=__version__, created=_now(), rows_done=0,
                         next_index=0, failures=[], complete=False, arrays={a: [None, *s] for a, s in shapes.items()})
+        if images.notes:
+            manifest["notes"] = list(images.notes)
         writers = {a: NpyRows.create(out / f"{a}.npy", len(images), s, np_dtype) for a, s in shapes.items()}
         _write_image_list(out / "image_list.txt", images)
-        _truncate_csv(out / "images.csv", 0, list(images.extra))
+        manifest["csv_bytes"] = _new_csv(out / "images.csv", list(images.extra))
         write_json_atomic(out / "manifest.json", manifest)
     else:
         if manifest.get("complete"):
+            check_cache(out, manifest)
             log.info("%s is already complete (%d rows); nothing to do", out, manifest["rows_done"])
             return CacheResult(out, manifest["rows_done"], manifest["failures"], manifest["next_index"], 0.0)
+        # the arrays are preallocated for every image (or already shrunk, by a run killed just before it finished)
+        check_cache(out, manifest, rows=(len(images),) if manifest["next_index"] < len(images)
+                    else (len(images), manifest["rows_done"]))
         writers = {a: NpyRows(out / f"{a}.npy") for a in manifest["arrays"]}
-        _truncate_csv(out / "images.csv", manifest["rows_done"])
+        _truncate_csv(out / "images.csv", manifest["rows_done"], manifest.get("csv_bytes"))
         if manifest["next_index"]:
             log.info("resuming %s at image %d of %d (%d rows done)", out, manifest["next_index"], len(images),
                      manifest["rows_done"])
@@ -247,7 +371,7 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
         device = next(model.parameters()).device
         bar = tqdm(total=len(images), initial=manifest["next_index"], disable=quiet, desc=progress_desc,
                    unit="img")
-        with open(out / "images.csv", "a", newline="") as csv_file:
+        with open(out / "images.csv", "a", newline="", **CSV_ENCODING) as csv_file:
             rows_csv = csv.writer(csv_file)
             for indices, batch, bad, noted in loader:
                 n_in_batch = len(indices) + len(bad)
@@ -264,6 +388,7 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
                                           + [col[idx] for col in images.extra.values()])
                     csv_file.flush()
                     rows_done += len(indices)
+                manifest["csv_bytes"] = os.fstat(csv_file.fileno()).st_size
                 for idx, err in bad:
                     log.warning("skipping %s: %s", images.paths[idx], err)
                     failures.append({"path": images.paths[idx], "error": err})
@@ -447,9 +572,9 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
         writers[a] = NpyRows.create(out / f"{a}.npy", total, src.shape[1:], src.dtype)
     row = 0
     failures, notes = [], []
-    with open(shard_dirs[0] / "images.csv", newline="") as g:
+    with open(shard_dirs[0] / "images.csv", newline="", **CSV_ENCODING) as g:
         header = next(csv.reader(g))
-    with open(out / "images.csv", "w", newline="") as f:
+    with open(out / "images.csv", "w", newline="", **CSV_ENCODING) as f:
         w = csv.writer(f)
         w.writerow(header)
         for d, m in zip(shard_dirs, manifests):
@@ -459,7 +584,7 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
                 for s in range(0, n, chunk_rows):
                     writers[a].write(row + s, np.asarray(src[s:s + chunk_rows]))
                 del src
-            with open(d / "images.csv", newline="") as g:
+            with open(d / "images.csv", newline="", **CSV_ENCODING) as g:
                 r = csv.reader(g)
                 next(r)
                 for k, rec in enumerate(r):
@@ -469,13 +594,14 @@ def merge_shards(out: Path, shard_dirs: List[Path], settings: dict, chunk_rows: 
             notes.extend(m.get("notes", []))
     for wr in writers.values():
         wr.close()
-    with open(out / "image_list.txt", "w") as f:
+    with open(out / "image_list.txt", "wb") as f:
         for d in shard_dirs:
-            f.write((d / "image_list.txt").read_text())
+            f.write((d / "image_list.txt").read_bytes())
     manifest = dict(settings, format=FORMAT, textspan_version=__version__, created=first.get("created"),
                     updated=_now(), rows_done=total, next_index=settings["n_images"], failures=failures,
                     complete=True, arrays={a: [total, *first["arrays"][a][1:]] for a in arrays},
-                    merged_from=[str(d.relative_to(out)) for d in shard_dirs], **({"notes": notes} if notes else {}))
+                    merged_from=[str(d.relative_to(out)) for d in shard_dirs], **({"notes": notes} if notes else {}),
+                    csv_bytes=(out / "images.csv").stat().st_size)
     write_json_atomic(out / "manifest.json", manifest)
     shutil.rmtree(out / "shards", ignore_errors=True)
     return manifest
@@ -502,8 +628,10 @@ class HeadCache:
         if m.get("format") != FORMAT:
             raise BadInputError(f"{self.folder}: unknown cache format {m.get('format')!r}")
         if not m.get("complete"):
-            raise BadInputError(f"{self.folder}: the cache is incomplete ({m['rows_done']} rows, stopped at image "
-                             f"{m['next_index']} of {m['n_images']}); rerun `textspan cache` to finish it")
+            raise BadInputError(f"{self.folder}: the cache is incomplete ({m.get('rows_done')} rows, stopped at image "
+                                f"{m.get('next_index')} of {m.get('n_images')}); rerun the same `textspan cache` "
+                                f"command to finish it")
+        check_cache(self.folder, m)
         self.manifest = m
 
     def _array(self, name: str) -> np.ndarray:
@@ -535,7 +663,8 @@ class HeadCache:
     def images(self):
         import pandas as pd
 
-        return pd.read_csv(self.folder / "images.csv", keep_default_na=False)
+        return pd.read_csv(self.folder / "images.csv", keep_default_na=False, encoding="utf-8",
+                           encoding_errors="surrogateescape")
 
     @property
     def labels(self) -> np.ndarray:

@@ -10,8 +10,8 @@ error text, to be reported and skipped by the caller.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
+from . import textio
 from .errors import BadInputError, InputNotFoundError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -34,13 +37,14 @@ class ImageList:
     classes: List[str]
     source: str = ""
     extra: Dict[str, List[str]] = field(default_factory=dict)  # more images.csv columns (e.g. place, group)
+    notes: List[Dict[str, str]] = field(default_factory=list)  # {"path", "note"}: what reading the list noticed
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, start: int, stop: int) -> "ImageList":
         return ImageList(self.paths[start:stop], self.labels[start:stop], self.classes, self.source,
-                         {k: v[start:stop] for k, v in self.extra.items()})
+                         {k: v[start:stop] for k, v in self.extra.items()}, list(self.notes))
 
     @property
     def digest(self) -> str:
@@ -57,19 +61,51 @@ class ImageList:
     @classmethod
     def from_folder(cls, folder: Union[str, os.PathLike]) -> "ImageList":
         """All images under `folder` (recursive, sorted). Files inside first-level sub-folders are labelled by the
-        sub-folder (ImageFolder layout, classes sorted by name); files directly in `folder` get label -1."""
+        sub-folder (ImageFolder layout, classes sorted by name); files directly in `folder` get label -1.
+
+        Every first-level sub-folder is a class, also one with no images or one that cannot be read: it keeps its
+        index (so later classes do not shift), and is reported (a warning, and `notes`, which the cache writes into
+        its manifest). Hidden folders (a name starting with '.') are skipped and noted."""
         root = Path(folder)
         if not root.is_dir():
             raise InputNotFoundError(f"image folder not found: {folder}")
+        notes: List[Dict[str, str]] = []
+
+        def note(path, text):
+            log.warning("%s: %s", path, text)
+            notes.append({"path": str(path), "note": text})
+
+        try:
+            entries = sorted(os.listdir(root))
+        except OSError as exc:
+            raise BadInputError(f"image folder {folder} cannot be read ({exc.strerror or exc})") from exc
+        hidden = [e for e in entries if e.startswith(".") and (root / e).is_dir()]
+        for e in hidden:
+            note(root / e, "hidden folder skipped")
+        classes = [e for e in entries if not e.startswith(".") and (root / e).is_dir()]
         # a symlink that leads nowhere (or to itself) is kept, so that reading it reports it as a failure
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and (p.is_symlink() or p.is_file()))
+                       and (p.is_symlink() or p.is_file())
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
+        unreadable = []
+        for dirpath, _, _ in os.walk(root, onerror=lambda exc: unreadable.append(exc)):
+            pass
+        for exc in unreadable:
+            note(exc.filename, f"folder cannot be read ({exc.strerror or exc}); its images are missing")
         if not files:
-            raise BadInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
-        classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+            raise BadInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}"
+                                + (f" ({len(unreadable)} folders could not be read)" if unreadable else ""))
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[p.relative_to(root).parts[0]] if len(p.relative_to(root).parts) > 1 else -1 for p in files]
-        return cls([_absolute(p) for p in files], labels, classes, source=str(root.resolve()))
+        counts = {c: 0 for c in classes}
+        for p in files:
+            if len(p.relative_to(root).parts) > 1:
+                counts[p.relative_to(root).parts[0]] += 1
+        for c, k in counts.items():
+            if k == 0:
+                note(root / c, f"class folder {c!r} (class {index[c]}) has no images: the class is kept, so the "
+                               f"classes after it keep their indices")
+        return cls([_absolute(p) for p in files], labels, classes, source=str(root.resolve()), notes=notes)
 
     @classmethod
     def from_file(cls, list_file: Union[str, os.PathLike]) -> "ImageList":
@@ -77,44 +113,48 @@ class ImageList:
 
         ``.csv``: a header with a ``path`` column and optionally ``label`` (an integer or a class name).
         Anything else: one path per line; blank lines and lines starting with ``#`` are skipped.
+        Read with `textspan.textio` (UTF-8 with or without BOM, CRLF, a Windows-1252 fallback with a warning).
         """
         list_file = Path(list_file)
         if not list_file.is_file():
             raise InputNotFoundError(f"image list file not found: {list_file}")
         base = list_file.resolve().parent
-        rows: List[Tuple[str, str]] = []
+        rows: List[Tuple[int, str, str]] = []  # (line, path, label)
+        notes: List[str] = []
         if list_file.suffix.lower() == ".csv":
-            with open(list_file, newline="") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or "path" not in reader.fieldnames:
-                    raise BadInputError(f"{list_file}: a CSV image list needs a 'path' column (has {reader.fieldnames})")
-                for r in reader:
-                    rows.append((r["path"], (r.get("label") or "").strip()))
+            header, records = textio.read_csv(list_file, "image list", notes)
+            if "path" not in header:
+                raise BadInputError(f"{list_file}: a CSV image list needs a 'path' column (has {header})")
+            for line, r in records:
+                if not r["path"].strip():
+                    raise BadInputError(f"{list_file}, line {line}: empty path")
+                rows.append((line, r["path"], (r.get("label") or "").strip()))
         else:
-            with open(list_file) as f:
-                for line in f:
-                    line = line.strip()
-                    if line and not line.startswith("#"):
-                        rows.append((line, ""))
+            for line, text in textio.read_lines(list_file, "image list", notes):
+                if not text.startswith("#"):
+                    rows.append((line, text, ""))
         if not rows:
             raise BadInputError(f"{list_file}: the image list is empty")
-        paths = [str((base / p).resolve()) if not os.path.isabs(p) else p for p, _ in rows]
-        raw = [y for _, y in rows]
+        paths = [str((base / p).resolve()) if not os.path.isabs(p) else p for _, p, _ in rows]
+        raw = [y for _, _, y in rows]
+        lines = [k for k, _, _ in rows]
         ints = [k for k, y in enumerate(raw) if y and _is_int(y)]
         names = [k for k, y in enumerate(raw) if y and not _is_int(y)]
         if ints and names:
-            raise BadInputError(f"{list_file}: the label column mixes integers (line {ints[0] + 2}: {raw[ints[0]]!r}) "
-                                f"and class names (line {names[0] + 2}: {raw[names[0]]!r}); use one or the other")
+            raise BadInputError(f"{list_file}: the label column mixes integers (line {lines[ints[0]]}: "
+                                f"{raw[ints[0]]!r}) and class names (line {lines[names[0]]}: {raw[names[0]]!r}); "
+                                f"use one or the other")
         if not names:
             labels, classes = [int(y) if y else -1 for y in raw], []
             negative = [k for k, y in enumerate(labels) if y < -1]
             if negative:
-                raise BadInputError(f"{list_file}, line {negative[0] + 2}: label {raw[negative[0]]!r} is negative")
+                raise BadInputError(f"{list_file}, line {lines[negative[0]]}: label {raw[negative[0]]!r} is negative")
         else:
             classes = sorted({y for y in raw if y})
             index = {c: i for i, c in enumerate(classes)}
             labels = [index[y] if y else -1 for y in raw]
-        return cls(paths, labels, classes, source=str(list_file.resolve()))
+        return cls(paths, labels, classes, source=str(list_file.resolve()),
+                   notes=[{"path": str(list_file), "note": n} for n in notes])
 
     @classmethod
     def from_waterbirds(cls, root: Union[str, os.PathLike], split: Optional[str] = None) -> "ImageList":
@@ -123,12 +163,9 @@ class ImageList:
         split. Missing or unreadable files are left in the list, to be reported and skipped by the cache."""
         root = Path(root)
         meta = root / "metadata.csv"
-        with open(meta, newline="") as f:
-            rows = list(csv.DictReader(f))
-        missing = {"img_filename", "y", "split", "place"} - set(rows[0] if rows else {})
-        if missing:
-            raise BadInputError(f"{meta}: not a Waterbirds metadata file (missing columns {sorted(missing)})")
-        rows = [(k + 2, r) for k, r in enumerate(rows)]  # file line numbers (the header is line 1)
+        notes: List[str] = []
+        header, rows = textio.read_csv(meta, "Waterbirds metadata", notes)
+        _check_waterbirds_header(meta, header)
         for line, r in rows:
             for col, allowed in (("y", (0, 1)), ("place", (0, 1)), ("split", (0, 1, 2))):
                 value = (r.get(col) or "").strip()
@@ -151,17 +188,19 @@ class ImageList:
                  "split": [names[int(r["split"])] for r in rows]}
         classes = list(WATERBIRDS_CLASSES)
         if "class_name" in rows[0]:  # a Waterbirds-layout set with other class names (e.g. the shapes testbed)
-            names = {int(r["y"]): r["class_name"] for r in rows}
+            names = {int(r["y"]): r["class_name"].strip() for r in rows}
             classes = [names.get(i, WATERBIRDS_CLASSES[i]) for i in range(2)]
             extra["group"] = [f"{classes[a]}_on_{WATERBIRDS_PLACES[p]}" for a, p in zip(y, place)]
         return cls([str((root / r["img_filename"]).resolve()) for r in rows], y, classes,
-                   source=f"{meta.resolve()}:{split or 'all'}", extra=extra)
+                   source=f"{meta.resolve()}:{split or 'all'}", extra=extra,
+                   notes=[{"path": str(meta), "note": n} for n in notes])
 
     @classmethod
     def from_path(cls, images: Union[str, os.PathLike], split: Optional[str] = None) -> "ImageList":
-        """A folder (a Waterbirds-layout folder when it holds such a metadata.csv), or a list file."""
+        """A folder (a Waterbirds-layout folder when it holds a metadata.csv: a folder with a metadata.csv that is
+        not one is refused, never read as a plain folder), or a list file."""
         p = Path(images)
-        if p.is_dir() and _is_waterbirds(p):
+        if p.is_dir() and (p / "metadata.csv").exists():
             return cls.from_waterbirds(p, split)
         if split is not None:
             raise BadInputError("--split applies to Waterbirds-layout folders (metadata.csv with img_filename, y, "
@@ -188,13 +227,21 @@ def _split_code(split) -> int:
     raise BadInputError(f"split must be one of train, val, test (or the file's values 0, 1, 2); got {split!r}")
 
 
-def _is_waterbirds(folder: Path) -> bool:
-    meta = folder / "metadata.csv"
-    if not meta.is_file():
-        return False
-    with open(meta, newline="") as f:
-        header = next(csv.reader(f), [])
-    return {"img_filename", "y", "split", "place"} <= set(header)
+WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
+
+
+def _check_waterbirds_header(meta: Path, header: Sequence[str]) -> None:
+    """A folder's metadata.csv must be Waterbirds metadata: refuse one that is not, naming the missing columns."""
+    missing = [c for c in WATERBIRDS_COLUMNS if c not in header]
+    if not missing:
+        return
+    hint = ""
+    if {"path", "caption"} <= set(header):
+        hint = f" This is a shapes-world folder: cache its images/ sub-folder ({meta.parent / 'images'})."
+    raise BadInputError(
+        f"{meta}: a folder with a metadata.csv is read as the Waterbirds layout, and this file lacks the columns "
+        f"{', '.join(missing)} (it has: {', '.join(header) or 'no header'}).{hint} To read the folder's images "
+        f"without it, pass a list file (one path per line, or a CSV with 'path' and 'label' columns).")
 
 
 def _absolute(p: Path) -> str:

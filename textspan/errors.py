@@ -50,3 +50,13 @@ class ModelMismatchError(TextspanError, ValueError):
 
 class EmbeddingMismatchError(ModelMismatchError):
     """Text embeddings made with another model or another bank."""
+
+
+class CorruptCacheError(TextspanError, ValueError):
+    """A cache folder whose files disagree with each other or with its manifest (cut short, edited, missing): the
+    message names the file, what was expected and found, and how to resume or rebuild."""
+
+
+class StorageError(TextspanError, OSError):
+    """Reading or writing a file failed for a reason of the file system (disk full, read-only, permission, a path
+    through a file); the message names the path and what was kept."""

@@ -178,15 +178,13 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
     and times.json (seconds per method), given ``output``."""
     from .methods import explain, list_methods, upsample_maps
 
-    names = list(methods) if methods else list_methods()
-    unknown = [m for m in names if m not in list_methods()]
+    names = list(methods) if methods else None
+    unknown = [m for m in names or () if m not in list_methods()]
     if unknown:
         raise BadInputError(f"unknown methods {unknown}; known: {', '.join(list_methods())}")
     loaded = resolve_model(model, pretrained, device)
-    if not methods and engine.read_tower(loaded.model).pool_head is not None:
-        from .methods._vit import POOLED_METHODS
-
-        names = [m for m in names if m in POOLED_METHODS]  # the methods defined on attention-pooled towers
+    if names is None:  # every method defined on this tower (as the methods registered themselves)
+        names = list_methods(engine.read_tower(loaded.model))
     pil, x = _images(loaded, images)
     T = _texts(loaded, prompts)
     frames = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
@@ -218,7 +216,16 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
 
 
 def _eval_settings(loaded: Loaded, method, options, W, classnames, **data) -> dict:
-    """What must agree for an evaluation to resume: model, method and options, classifier, and the `data` keys."""
+    """What must agree for an evaluation to resume: model, method and options, classifier, and the `data` keys.
+    A method not defined on the model's tower is refused here, before any work."""
+    from .errors import UnsupportedModelError
+    from .methods import get_method, list_methods, tower_kind
+
+    get_method(method)
+    if method not in list_methods(engine.read_tower(loaded.model)):
+        kind = tower_kind(engine.read_tower(loaded.model))
+        raise UnsupportedModelError(f"method {method!r} is not defined on this model's tower ({kind!r} pooling); "
+                                    f"these are: {', '.join(list_methods(kind))}")
     return {"model": loaded.name, "pretrained": loaded.pretrained, "fingerprint": loaded.fingerprint,
             "method": method, "options": options,
             "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(), "classes": list(classnames),

@@ -148,7 +148,10 @@ def load_classifier(path, d_embed: int, classes: Optional[Sequence[str]] = None)
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"classifier file not found: {path}")
-    W = np.load(path)
+    try:
+        W = np.load(path)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadInputError(f"{path}: not a .npy classifier array ({exc})") from exc
     names = list(classes) if classes else [str(i) for i in range(W.shape[1] if W.ndim == 2 else 0)]
     if W.ndim != 2 or W.shape[0] != d_embed or len(names) != W.shape[1]:
         raise BadInputError(f"{path}: expected a [{d_embed}, {len(names) or 'classes'}] classifier, got {W.shape}")
@@ -156,20 +159,33 @@ def load_classifier(path, d_embed: int, classes: Optional[Sequence[str]] = None)
 
 
 def zero_shot_classifier(loaded: Loaded, classes, templates=None, classifier=None, d_embed: Optional[int] = None,
-                         default_classes: Sequence[str] = ()) -> Tuple[np.ndarray, List[str]]:
+                         default_classes: Sequence[str] = (), cache: Optional[HeadCache] = None
+                         ) -> Tuple[np.ndarray, List[str]]:
     """(W [d', C], class names): a given array or .npy file, or built from class names (a list or a file, one per
-    line) and prompt templates (a list or a file; default: the model's default templates)."""
+    line) and prompt templates (a list or a file; default: the model's default templates).
+
+    Given the `cache` the classifier will score, the classes are checked against it (`check_classes`): a list that
+    would shift the labels is refused instead of giving a wrong accuracy."""
     from .zeroshot import build_classifier, read_lines, read_templates
 
+    source = f"--classes {classes}" if isinstance(classes, (str, Path)) else "classes"
     names = (read_lines(classes, "classes") if isinstance(classes, (str, Path)) else list(classes)) if classes \
         else list(default_classes)
     if classifier is not None:
         if isinstance(classifier, (str, Path)):
-            return load_classifier(classifier, d_embed or _embed_width(loaded), names or None)
-        W = np.asarray(classifier, dtype=np.float32)
-        return W, names or [str(i) for i in range(W.shape[1])]
+            W, names = load_classifier(classifier, d_embed or _embed_width(loaded), names or None)
+            source = f"--classifier {classifier}" if not classes else source
+        else:
+            W = np.asarray(classifier, dtype=np.float32)
+            names = names or [str(i) for i in range(W.shape[1])]
+            source = "classifier" if not classes else source
+        if cache is not None:
+            check_classes(names, cache, source, named=bool(classes))
+        return W, names
     if not names:
         raise BadInputError("no class names: give classes (--classes) or a classifier (--classifier)")
+    if cache is not None and classes:
+        check_classes(names, cache, source)
     if templates is None:
         tmpl = read_templates(default_templates(loaded.name))
     elif isinstance(templates, (str, Path)):
@@ -177,6 +193,36 @@ def zero_shot_classifier(loaded: Loaded, classes, templates=None, classifier=Non
     else:
         tmpl = list(templates)
     return build_classifier(loaded.model, loaded.tokenizer, names, tmpl), names
+
+
+def check_classes(names: Sequence[str], cache: HeadCache, source: str = "classes", named: bool = True) -> None:
+    """Refuse class names that do not fit the cache's labels: another count than the cache's classes (or fewer
+    than its largest label + 1 when it records no names), or, when the cache has names, a name that is another
+    class of the cache at another index (the order would shift the labels). Names the cache does not know at all
+    (e.g. readable names for WordNet-id folders) are accepted in the cache's order. `named`: False for a
+    classifier's columns (no names to compare)."""
+    known = list(cache.manifest.get("classes") or [])
+    labels = np.asarray(cache.labels)
+    top = int(labels.max()) if labels.size else -1
+    if known:
+        if len(names) != len(known):
+            raise BadInputError(f"{source}: {len(names)} classes, but the cache {cache.folder} has {len(known)} "
+                                f"({_preview(known)}); give one name per class, in the cache's order")
+        if named:
+            index = {c: i for i, c in enumerate(known)}
+            moved = [(i, n) for i, n in enumerate(names) if n in index and index[n] != i]
+            if moved:
+                i, n = moved[0]
+                raise BadInputError(f"{source}: name {i + 1} is {n!r}, which is class {index[n]} of the cache "
+                                    f"{cache.folder}, not class {i} ({known[i]!r}); give the names in the cache's "
+                                    f"order: {_preview(known)}")
+    elif len(names) <= top:
+        raise BadInputError(f"{source}: {len(names)} classes, but the cache {cache.folder} has labels up to {top}")
+
+
+def _preview(items: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def _embed_width(loaded: Loaded) -> int:
@@ -221,10 +267,24 @@ def _write_csv(path, header: Sequence[str], rows) -> None:
         w.writerows(rows)
 
 
-def _cache_run(output, command: str, overwrite: bool, cache: HeadCache) -> RunFolder:
+def _cache_run(output, command: str, overwrite: bool, cache: HeadCache, settings: Optional[dict] = None,
+               W: Optional[np.ndarray] = None) -> RunFolder:
+    """The run folder of a job on `cache`: refuses the cache folder itself, another command's folder, and a finished
+    run made with other `settings` (which always include the cache's identity and, given `W`, the classifier's
+    content) unless ``overwrite``."""
     if Path(output).resolve() == cache.folder.resolve():
         raise FolderMismatchError(f"{output} is the cache folder itself; write the {command} results elsewhere")
-    return RunFolder(output, command, overwrite=overwrite)
+    settings = dict(settings or {}, cache_fingerprint=cache.manifest["fingerprint"],
+                    cache_images=cache.manifest.get("images_digest"), cache_rows=len(cache))
+    if W is not None:
+        settings["classifier"] = _array_digest(W)
+    return RunFolder(output, command, settings, overwrite=overwrite)
+
+
+def _array_digest(a) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -480,7 +540,8 @@ def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts:
         chosen, source = parse_layers(layers, L), c.heads
     if n_texts > len(tb):
         raise BadInputError(f"n_texts={n_texts} (--n-texts) is more than the {len(tb)} texts of the bank")
-    run = _cache_run(output, "label-heads", overwrite, c) if output is not None else None
+    settings = dict(bank_digest=tb.digest, n_texts=n_texts, layers=chosen, rank=rank, pool_heads=pool_heads)
+    run = _cache_run(output, "label-heads", overwrite, c, settings) if output is not None else None
     with run if run is not None else _nothing():
         results = label_heads(source, emb, tb.texts, chosen, n_texts=n_texts, rank=rank, progress=not quiet)
         if pool_heads:
@@ -525,13 +586,14 @@ def measure_completeness(cache, output=None, *, bank=None, text_embeddings=None,
         bank = "shapes" if is_builtin(loaded.name) else "general"
     emb, tb = bank_and_embeddings(bank, text_embeddings, loaded, fp)
     W, _ = zero_shot_classifier(loaded, classes, templates, classifier, c.manifest["d_embed"],
-                                default_classes=c.manifest.get("classes") or [])
+                                default_classes=c.manifest.get("classes") or [], cache=c)
     ms = sorted({int(m) for m in n_texts})
     chosen = parse_layers(layers, c.manifest["n_layers"])
     if max(ms) > len(tb):
         raise BadInputError(f"{max(ms)} texts per head asked, but the bank has {len(tb)}")
     ref = reference_protocol(c, reference, same_set, seed)
-    run = _cache_run(output, "completeness", overwrite, c) if output is not None else None
+    settings = dict(bank_digest=tb.digest, n_texts=ms, layers=chosen, rank=rank, protocol=ref.protocol)
+    run = _cache_run(output, "completeness", overwrite, c, settings, W) if output is not None else None
     with run if run is not None else _nothing():
         results = span.label_heads(c.heads, emb, tb.texts, chosen, n_texts=max(ms), rank=rank, progress=not quiet)
         acc = span.completeness(c.heads, c.mlps, c.embeddings, W, c.labels, results, ms, ref_heads=ref.cache.heads,
@@ -585,7 +647,8 @@ def retrieve_images(cache, head, text: str, output=None, *, top: int = 16, botto
     res = Retrieval(head_name(layer, h), text, [int(i) for i in order], [images["path"][i] for i in order],
                     [float(scores[i]) for i in order])
     if output is not None:
-        with _cache_run(output, "retrieve", overwrite, c) as run:
+        with _cache_run(output, "retrieve", overwrite, c, dict(head=res.head, text=text, top=top,
+                                                               bottom=bottom)) as run:
             out = Path(output)
             _write_csv(out / "retrieval.csv", ["rank", "row", "path", "score"],
                        [[k, i, p, f"{s:.6f}"] for k, (i, p, s) in enumerate(zip(res.rows, res.paths, res.scores))])
@@ -635,10 +698,12 @@ def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier
     c = open_cache(cache)
     loaded = None if classifier is not None else model_for_cache(c, model, pretrained, device)
     W, _ = zero_shot_classifier(loaded, classes, templates, classifier, c.manifest["d_embed"],
-                                default_classes=c.manifest.get("classes") or [])
+                                default_classes=c.manifest.get("classes") or [], cache=c)
     ref = reference_protocol(c, reference, same_set, seed)
     chosen = parse_heads(heads, c.manifest["n_layers"], c.manifest["n_heads"]) if heads else None
-    run = _cache_run(output, "ablate", overwrite, c) if output is not None else None
+    settings = dict(protocol=ref.protocol, heads=[head_name(*p) for p in chosen] if chosen else None, draws=draws,
+                    seed=seed)
+    run = _cache_run(output, "ablate", overwrite, c, settings, W) if output is not None else None
     with run if run is not None else _nothing():
         labels = _rows(c.labels, ref.eval_rows)
         t = ablation.term_logits(c.heads, c.cls_to_cls, c.mlps, W, rows=ref.eval_rows, ref_heads=ref.cache.heads,
@@ -711,7 +776,7 @@ def debias_cache(cache, output=None, *, reference=None, same_set: bool = False, 
     if classifier is None or select == "concept":
         loaded = model_for_cache(c, model, pretrained, device)
     W, classnames = zero_shot_classifier(loaded, classes, templates, classifier, c.manifest["d_embed"],
-                                         default_classes=c.manifest.get("classes") or [])
+                                         default_classes=c.manifest.get("classes") or [], cache=c)
     ref = reference_protocol(c, reference, same_set, seed)
     table = c.images
     for col in (label_column, group_column):
@@ -747,7 +812,10 @@ def debias_cache(cache, output=None, *, reference=None, same_set: bool = False, 
         why = f"largest fraction of variance in the span of the concept texts {texts}"
     if not chosen:
         raise BadInputError("no head was selected (lower the threshold?)")
-    run = _cache_run(output, "debias", overwrite, c) if output is not None else None
+    settings = dict(protocol=ref.protocol, heads=[head_name(l, h) for l, h in chosen], selection=select,
+                    label_column=label_column, group_column=group_column, keep_last=keep_last,
+                    with_generic=with_generic, draws=draws, seed=seed)
+    run = _cache_run(output, "debias", overwrite, c, settings, W) if output is not None else None
     with run if run is not None else _nothing():
         t = ablation.term_logits(c.heads, c.cls_to_cls, c.mlps, W, rows=ref.eval_rows, ref_heads=ref.cache.heads,
                                  ref_cls=ref.cache.cls_to_cls, ref_mlps=ref.cache.mlps, ref_rows=ref.ref_rows,

@@ -205,7 +205,8 @@ class RunFolder:
                  progress_name: str = "progress.json"):
         self.path = Path(path)
         self.command = command
-        self.settings = dict(settings or {})
+        # compared as JSON (tuples become lists, paths strings), as they are stored
+        self.settings = json.loads(json.dumps(dict(settings or {}), default=str))
         self.overwrite = overwrite
         self.progress_file = self.path / progress_name
         self.started = time.time()
@@ -217,6 +218,7 @@ class RunFolder:
         self._lock.acquire()
         try:
             self._check_command()
+            self._check_settings()
         except Exception:
             self._lock.release()
             raise
@@ -230,6 +232,21 @@ class RunFolder:
         if record and record.get("command") not in (None, self.command) and not self.overwrite:
             raise FolderMismatchError(f"{self.path} holds the output of `textspan {record['command']}`, not of "
                                       f"`textspan {self.command}`; write to another folder (or --overwrite)")
+
+    def _check_settings(self) -> None:
+        """A finished run of this command made with other settings is refused unless ``overwrite`` (its files would
+        be replaced, or mixed with this run's)."""
+        if self.overwrite or not self.settings or self.progress_file.is_file():
+            return  # a job with saved progress checks its settings there (`load_progress`)
+        record = read_json(self.path / "run.json")
+        if not record or record.get("command") != self.command or not isinstance(record.get("settings"), dict):
+            return
+        problems = differences(record["settings"], self.settings)
+        if problems:
+            keys = [k for k in self.settings if record["settings"].get(k) != self.settings[k]]
+            raise FolderMismatchError(f"{self.path} holds a finished {self.command} run made with other settings "
+                                      f"({', '.join(keys)}): {'; '.join(problems)}. Use another output folder, or "
+                                      f"--overwrite to replace it")
 
     def load_progress(self, fresh: dict) -> dict:
         """The saved state of an unfinished run with these settings, else `fresh` (a new dict with the settings).
@@ -250,5 +267,8 @@ class RunFolder:
 
     def write_run_json(self, arguments: Dict, *, model_fingerprint: Optional[str] = None,
                        extra: Optional[dict] = None) -> Path:
+        extra = dict(extra or {})
+        if self.settings:
+            extra.setdefault("settings", self.settings)
         return write_run_json(self.path, self.command, arguments, model_fingerprint=model_fingerprint,
                               started=self.started, extra=extra)

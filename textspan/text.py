@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import engine
+from . import engine, textio
 from .errors import BadInputError, EmbeddingMismatchError, InputNotFoundError
 from .models import fingerprint as model_fingerprint
 
@@ -72,8 +72,7 @@ class TextBank:
             else:
                 raise InputNotFoundError(f"text bank not found: {bank} (not a file; built-in banks: "
                                          f"{builtin_banks()})")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_texts(f.read().splitlines(), source=str(path))
+        return cls.from_texts(textio.read_text(path, "text bank").splitlines(), source=str(path))
 
 
 def bank_path(name: str) -> Path:

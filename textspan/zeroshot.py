@@ -12,14 +12,27 @@ from typing import List, Sequence
 import numpy as np
 
 from .errors import BadInputError, InputNotFoundError
-from .text import TextBank, encode_texts
+from . import textio
+from .text import encode_texts
 
 
 def read_lines(path, what: str) -> List[str]:
+    """The non-blank lines of a class-name or template file (`textspan.textio`: UTF-8 with or without BOM, CRLF, a
+    Windows-1252 fallback with a warning). A name given twice is refused with both line numbers: it would make two
+    classes of one."""
     p = Path(path)
     if not p.is_file():
         raise InputNotFoundError(f"{what} file not found: {path}")
-    return TextBank.load(p).texts
+    lines = textio.read_lines(p, what)
+    if not lines:
+        raise BadInputError(f"{path}: no {what} (empty or blank lines only)")
+    seen = {}
+    for line, text in lines:
+        if text in seen:
+            raise BadInputError(f"{path}, lines {seen[text]} and {line}: {text!r} twice; every {what} line must be "
+                                f"distinct")
+        seen[text] = line
+    return [t for _, t in lines]
 
 
 def read_templates(path) -> List[str]:

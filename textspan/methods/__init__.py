@@ -10,7 +10,7 @@ Methods register themselves by name (one small file each); `list_methods()` list
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +19,28 @@ from ._vit import prepare, untouched
 from ..errors import BadInputError
 
 _REGISTRY: Dict[str, Callable] = {}
+_TOWERS: Dict[str, Tuple[str, ...]] = {}  # method -> the tower kinds it is defined on
+TOWER_KINDS = ("cls", "avg", "attn")  # CLS-pooled, average-pooled (CLIPA), attention-pooled (SigLIP)
 _MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip",
             "clip_surgery", "m2ib", "lrp", "partial_lrp")
 
 
-def register(name: str):
+def register(name: str, towers: Sequence[str] = ("cls",)):
     """Decorator: register `fn(tower, images, T, **options) -> [b, P, gh, gw]` (tower: a `textspan.engine.Tower`)
     under `name` (`explain` checks the inputs, moves them to the model's device and dtype, and guards the model
-    around the call)."""
+    around the call).
+
+    `towers` declares the image towers the method is defined on: ``"cls"`` (the embedding reads the CLS token),
+    ``"avg"`` (the mean of the patch tokens, CLIPA) and ``"attn"`` (an attention-pooling head, SigLIP). This is the
+    only place that says which methods run where: `list_methods(tower)`, `explain`'s refusal, `compare` and the
+    evaluations all read it."""
+    unknown = set(towers) - set(TOWER_KINDS)
+    if unknown:
+        raise ValueError(f"register({name!r}): unknown tower kinds {sorted(unknown)}; known: {TOWER_KINDS}")
+
     def wrap(fn):
         _REGISTRY[name] = fn
+        _TOWERS[name] = tuple(towers)
         return fn
     return wrap
 
@@ -38,10 +50,34 @@ def _load_all() -> None:
         importlib.import_module(f"{__name__}.{m}")
 
 
-def list_methods() -> List[str]:
-    """Names of the registered explainers, in a fixed order."""
+def tower_kind(tower) -> str:
+    """"cls", "avg" or "attn": how a `textspan.engine.Tower` (or a model) pools its tokens into the embedding."""
+    from ..engine import Tower, read_tower
+
+    if not isinstance(tower, Tower):
+        tower = read_tower(tower)
+    if tower.pool_head is not None:
+        return "attn"
+    return "avg" if tower.query == "avg" else "cls"
+
+
+def list_methods(tower=None) -> List[str]:
+    """Names of the registered explainers, in a fixed order; given a tower kind ("cls", "avg", "attn"), a
+    `textspan.engine.Tower` or a model, only the methods defined on that tower."""
     _load_all()
-    return [m for m in _MODULES if m in _REGISTRY] + sorted(set(_REGISTRY) - set(_MODULES))
+    names = [m for m in _MODULES if m in _REGISTRY] + sorted(set(_REGISTRY) - set(_MODULES))
+    if tower is None:
+        return names
+    kind = tower if isinstance(tower, str) else tower_kind(tower)
+    if kind not in TOWER_KINDS:
+        raise BadInputError(f"unknown tower kind {kind!r}; known: {', '.join(TOWER_KINDS)}")
+    return [m for m in names if kind in _TOWERS[m]]
+
+
+def method_towers(name: str) -> Tuple[str, ...]:
+    """The tower kinds method `name` is defined on (as it registered)."""
+    get_method(name)
+    return _TOWERS[name]
 
 
 def get_method(name: str) -> Callable:

@@ -37,25 +37,23 @@ def untouched(model):
             m.training = t
 
 
-# methods defined on attention-pooled towers (SigLIP): see each method's docstring for its pooled variant
-POOLED_METHODS = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer", "m2ib")
-# methods defined on average-pooled towers (CLIPA): through the tower's own pooling
-AVG_METHODS = ("decomposition", "m2ib")
-
-
 def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> tuple:
     """(tower, images on the model's device/dtype, text embeddings [P, d_embed] likewise), checked."""
+    from . import list_methods, method_towers, tower_kind
+
     tower = read_tower(model)
     like = tower.weight
     tower.check_images(images, any_size=True)
-    if tower.query == "avg" and method not in AVG_METHODS:
-        raise UnsupportedModelError(
-            f"method {method!r} follows the CLS token, and this tower's embedding reads the mean of the patch tokens "
-            f"(average pool); on average-pooled towers these run: {', '.join(AVG_METHODS)}")
-    if tower.pool_head is not None and method not in POOLED_METHODS:
+    kind = tower_kind(tower)
+    if method and kind not in method_towers(method):
+        runs = ", ".join(list_methods(kind))
+        if kind == "avg":
+            raise UnsupportedModelError(
+                f"method {method!r} follows the CLS token, and this tower's embedding reads the mean of the patch "
+                f"tokens (average pool); on average-pooled towers these run: {runs}")
         raise UnsupportedModelError(
             f"method {method!r} is defined through the CLS token, and this {tower.family} image tower has none (it "
-            f"pools with attention); on attention-pooled towers these run: {', '.join(POOLED_METHODS)}")
+            f"pools with attention); on attention-pooled towers these run: {runs}")
     T = torch.as_tensor(text_embeddings).to(device=like.device, dtype=like.dtype)
     if T.ndim == 1:
         T = T[None]

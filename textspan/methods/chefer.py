@@ -28,7 +28,7 @@ _CHUNK_ELEMENTS = 1 << 27
 TARGETS = ("logit", "cosine")
 
 
-@register("chefer")
+@register("chefer", towers=("cls", "attn"))
 def chefer(tower, images, T, start_layer: int = -1, target: str = "logit"):
     """Options: start_layer (default -1: the last block only, the CLIP notebook's default; 0: all blocks),
     target ("logit", default: the cosine times the model's exp(logit_scale), as the notebook; or "cosine")."""

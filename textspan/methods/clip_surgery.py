@@ -7,8 +7,9 @@ model's own. Both use the own path's q, k, v (from ``ln_1`` of the own path); th
 entering the first of those blocks. The features are ``proj(ln_post(.))`` of the new path's tokens, the CLS token
 taken from the own path, divided by their norm over the *tokens* (as the published demo and ``clip_surgery_map`` do).
 
-Feature surgery (``clip_feature_surgery``): per token i and text p, s[i, p] = sum_c (f_i,c t_p,c w_i,p - mean over the
-texts of the same), w = softmax(2 f_i . t) / its mean over the texts: the feature shared by all texts is removed.
+Feature surgery (``clip_feature_surgery``): per token i and text p, s[i, p] = sum_c (f_i,c t_p,c w_p - mean over the
+texts of the same), w = softmax(2 f_0 . t) / its mean over the texts, from the CLS token's feature f_0 and the same
+for every token (as published): the feature shared by all texts is removed.
 The texts are the prompts plus `redundant_texts` (the published evaluation adds 59 PASCAL-Context class names); the
 map of each prompt is s over the patches, before the published min-max and upsampling.
 
@@ -27,7 +28,7 @@ from . import register
 from ._vit import stream_before
 
 
-@register("clip_surgery")
+@register("clip_surgery", towers=("cls",))
 def clip_surgery(tower, images, T, redundant_texts: Optional[torch.Tensor] = None,
                  surgery_layers: Optional[int] = None):
     """Options: redundant_texts ([M, d_embed] more text embeddings whose shared feature is removed too, e.g. the
@@ -58,10 +59,14 @@ def clip_surgery(tower, images, T, redundant_texts: Optional[torch.Tensor] = Non
         tokens = torch.cat([x[:, :1], new[:, 1:]], dim=1)  # CLS from the own path
         f = tower.pool(tokens)  # ln_post, proj per token: [b, N, d_embed]
         f = f / f.norm(dim=1, keepdim=True)  # over the tokens, as published
-        prob = (2 * (f @ texts.t())).softmax(dim=-1)  # [b, N, n_texts]
+        # feature surgery: one weight per text from the CLS token's similarities (the published
+        # `clip_feature_surgery` computes `prob` from image_features[:, :1]), applied to every token
+        prob = (2 * (f[:, :1] @ texts.t())).softmax(dim=-1)  # [b, 1, n_texts]
         w = prob / prob.mean(dim=-1, keepdim=True)
-        feats = f[:, :, None, :] * texts[None, None] * w[..., None]  # [b, N, n_texts, d_embed]
-        s = (feats - feats.mean(dim=2, keepdim=True)).sum(dim=-1)  # [b, N, n_texts]
+        # sum_c (f_ic t_pc w_p - mean_q f_ic t_qc w_q) = w_p (f_i . t_p) - mean_q w_q (f_i . t_q): no
+        # [b, N, n_texts, d_embed] product is made
+        sim = (f @ texts.t()) * w  # [b, N, n_texts]
+        s = sim - sim.mean(dim=-1, keepdim=True)
     P = T.shape[0]
     b = images.shape[0]
     return s[:, 1:, :P].transpose(1, 2).reshape(b, P, *tower.grid_of(images))

@@ -9,7 +9,7 @@ from ..names import head_mask
 from . import register
 
 
-@register("decomposition")
+@register("decomposition", towers=("cls", "avg", "attn"))
 def decomposition(tower, images, T, heads=None, layers=None, relative: bool = True):
     """Options: heads ("L11H3,L10H1" or [(l, h), ...]), layers ("-4:" or a list), relative (default True:
     subtract the mean map over the prompts; needs at least two prompts, else use relative=False)."""

@@ -25,7 +25,7 @@ from ._vit import batched_vjp, last_block_input, prompt_cotangents
 VARIANTS = ("gradeclip", "pytorch-grad-cam")
 
 
-@register("gradcam")
+@register("gradcam", towers=("cls", "attn"))
 def gradcam(tower, images, T, variant: str = "gradeclip"):
     """Options: variant ("gradeclip", default: the Grad-ECLIP repository's baseline; "pytorch-grad-cam": that
     library's ViT recipe at the last block's first norm, patch tokens only)."""

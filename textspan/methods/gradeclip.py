@@ -20,7 +20,7 @@ from . import register
 from ._vit import grad_at_cls_output, last_block_input
 
 
-@register("gradeclip")
+@register("gradeclip", towers=("cls",))
 def gradeclip(tower, images, T, single_head: bool = False):
     """Options: single_head (default False; True reproduces the published notebook's one-wide-head last block)."""
     last = tower.blocks[-1]

@@ -41,7 +41,7 @@ def default_layer(n_layers: int) -> int:
     return max(n_layers - 3, 0)
 
 
-@register("m2ib")
+@register("m2ib", towers=("cls", "avg", "attn"))
 def m2ib(tower, images, T, layer: Optional[int] = None, beta: float = 0.1, steps: int = 10, lr: float = 1.0,
          samples: int = 10, seed: int = 0, chunk: int = 4):
     """Options: layer (the block whose output is masked; default three from the end, 9 on ViT-B; negative counts

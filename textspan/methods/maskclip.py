@@ -19,7 +19,7 @@ from . import register
 from ._vit import last_block_input
 
 
-@register("maskclip")
+@register("maskclip", towers=("cls",))
 def maskclip(tower, images, T):
     """No options."""
     last = tower.blocks[-1]

@@ -8,7 +8,7 @@ from . import register
 from ._vit import final_stream, last_block_input, patch_columns
 
 
-@register("raw_attention")
+@register("raw_attention", towers=("cls", "attn"))
 def raw_attention(tower, images, T):
     """No options. Prompt-independent: the map is repeated for each prompt."""
     if tower.pool_head is not None:

@@ -10,7 +10,7 @@ from . import register
 from ._vit import patch_columns, start_block
 
 
-@register("rollout")
+@register("rollout", towers=("cls", "attn"))
 def rollout(tower, images, T, start_layer: int = 0):
     """Options: start_layer (default 0; negative counts from the end): the first block taken into the product."""
     start = start_block(start_layer, tower.n_layers)
