@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import BadInputError, ModelMismatchError
+from .errors import BadInputError, ModelMismatchError, job
 from .jobs import HeadLabels, Notify, is_builtin, open_cache
 from .names import head_name
 from .store import RunFolder
@@ -51,6 +51,7 @@ class AtlasResult:
     measures: List[str]
 
 
+@job
 def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map_images: int = 4, model=None,
                 pretrained=None, device=None, maps: bool = True, overwrite: bool = False,
                 notify: Notify = log.info) -> AtlasResult:

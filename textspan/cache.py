@@ -42,7 +42,7 @@ from ._version import __version__
 from .datasets import ImageDataset, ImageList, collate_with_failures
 from .decomposition import decompose
 from .errors import (BadInputError, CacheMismatchError, CorruptCacheError, FolderBusyError, FolderMismatchError,
-                     InputNotFoundError)
+                     InputNotFoundError, StorageError, describe_os_error, job)
 from .store import FolderLock, read_json, write_json_atomic, write_run_json
 from .store import now as _now
 from .models import fingerprint as model_fingerprint
@@ -360,10 +360,32 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
             log.info("resuming %s at image %d of %d (%d rows done)", out, manifest["next_index"], len(images),
                      manifest["rows_done"])
     resumed_from = manifest["next_index"]
+    try:
+        _stream_batches(model, preprocess, images, out, manifest, writers, batch_size=batch_size,
+                        num_workers=num_workers, quiet=quiet, progress_desc=progress_desc)
+    except OSError as exc:  # disk full, read-only, ...: the last commit stands
+        committed = read_manifest(out) or {}
+        raise StorageError(
+            f"{describe_os_error(exc)}. The cache keeps the {committed.get('rows_done', 0)} images committed before "
+            f"the fault (up to image {committed.get('next_index', 0)} of {len(images)}); fix the cause (free space, "
+            f"write permission) and rerun the same command to resume") from exc
+    rows_done = manifest["rows_done"]
+    for a, w in writers.items():
+        w.shrink(rows_done)
+        w.close()
+        manifest["arrays"][a][0] = rows_done
+    manifest.update(complete=True, updated=_now())
+    write_json_atomic(out / "manifest.json", manifest)
+    return CacheResult(out, rows_done, manifest["failures"], resumed_from, time.time() - t0)
+
+
+def _stream_batches(model, preprocess, images: ImageList, out: Path, manifest: dict, writers: dict, *,
+                    batch_size: int, num_workers: int, quiet: bool, progress_desc: str) -> None:
+    """Decompose the images from ``manifest["next_index"]`` on, committing the manifest after every batch (it is
+    updated in place)."""
     rows_done = manifest["rows_done"]
     failures = list(manifest["failures"])
     notes = list(manifest.get("notes", []))
-
     if manifest["next_index"] < len(images):
         dataset = ImageDataset(images, preprocess, indices=range(manifest["next_index"], len(images)))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -403,14 +425,6 @@ def _cache_range_locked(model, preprocess: Callable, images: ImageList, out: Pat
                 bar.update(n_in_batch)
         bar.close()
 
-    for a, w in writers.items():
-        w.shrink(rows_done)
-        w.close()
-        manifest["arrays"][a][0] = rows_done
-    manifest.update(complete=True, updated=_now())
-    write_json_atomic(out / "manifest.json", manifest)
-    return CacheResult(out, rows_done, failures, resumed_from, time.time() - t0)
-
 
 def cache_settings(model, *, model_name: str, pretrained: Optional[str], images: ImageList, dtype: str,
                    world_size: int = 1) -> dict:
@@ -423,6 +437,7 @@ def cache_settings(model, *, model_name: str, pretrained: Optional[str], images:
                 images_digest=images.digest, n_images=len(images), classes=images.classes, world_size=world_size)
 
 
+@job
 def build_cache(model, preprocess: Callable, images: ImageList, output, *, model_name: str,
                 pretrained: Optional[str] = None, batch_size: int = 32, dtype: str = "float32", num_workers: int = 0,
                 overwrite: bool = False, quiet: bool = False, arguments: Optional[dict] = None) -> CacheResult:

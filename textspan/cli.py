@@ -21,8 +21,13 @@ def _method_options(method: str, items) -> dict:
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="textspan")
-def main():
-    """textspan: explain what the attention heads of CLIP vision transformers do, in words."""
+@click.option("--debug", is_flag=True, help="show the traceback of an error (also TEXTSPAN_DEBUG=1) instead of "
+                                            "its one-line message.")
+def main(debug):
+    """textspan: explain what the attention heads of CLIP vision transformers do, in words.
+
+    Exit status: 0 done; 1 a problem with an input, file, folder, disk or device (one line names it); 2 a mistake
+    on the command line; 3 an internal error (a bug: rerun with --debug and report it)."""
 
 
 @main.command()

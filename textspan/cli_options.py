@@ -4,21 +4,48 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import click
 
-from .errors import TextspanError
+from .errors import translate
+
+
+EXIT_INPUT = 1  # a problem with an input, a file, a folder, the disk or the device: one line names it
+EXIT_USAGE = 2  # the command line itself (click: unknown option, missing argument, bad value)
+EXIT_INTERNAL = 3  # anything else is a bug of textspan: a one-line message asks for --debug and a report
+
+
+def debug_requested(ctx=None) -> bool:
+    """--debug on the command line, or TEXTSPAN_DEBUG=1 in the environment."""
+    if os.environ.get("TEXTSPAN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return bool(ctx is not None and ctx.find_root().params.get("debug"))
 
 
 class Group(click.Group):
-    """Turns every `TextspanError` (a user's mistake, named) into a message and exit status 1."""
+    """The error boundary: every `TextspanError` (a user's mistake, named) and every ordinary fault (file system,
+    encoding, unpickling, device, memory: `textspan.errors.translate`) becomes a one-line message and exit status 1;
+    click's usage errors keep status 2; anything else is reported as an internal error (status 3). With --debug or
+    TEXTSPAN_DEBUG=1 the traceback is shown instead."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except TextspanError as exc:
-            raise click.ClickException(str(exc)) from exc
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if debug_requested(ctx):
+                raise
+            err = translate(exc)
+            if err is not None:
+                raise click.ClickException(str(err)) from exc
+            error = click.ClickException(
+                f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (this is a "
+                f"bug of textspan: rerun with --debug, or TEXTSPAN_DEBUG=1, to see the traceback, and report it)")
+            error.exit_code = EXIT_INTERNAL
+            raise error from exc
 
 
 def setup_logging(quiet: bool) -> None:

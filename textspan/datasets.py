@@ -267,8 +267,10 @@ def read_image(path, *, notes: Optional[List[str]] = None, background=BACKGROUND
     """An image file as a viewer shows it, as 8-bit RGB.
 
     - EXIF orientation is applied (a phone photo taken upright is upright);
-    - 16-bit and 32-bit integer images are scaled to 8 bits (65535 -> 255), not clipped; float images in [0, 1] are
-      scaled by 255;
+    - integer images deeper than 8 bits are scaled from their declared full range to 8 bits (16-bit: 65535 -> 255;
+      32-bit: 2^31 - 1, or 2^32 - 1 when unsigned, -> 255), never by their own maximum; float images by their range:
+      [0, 1] x 255, [0, 255] as levels, [0, 65535] x 255/65535, anything larger refused; `notes` says which rule
+      was applied (the cache writes it into its manifest);
     - CMYK is converted through its embedded ICC profile when it has one (else Pillow's plain conversion);
     - transparency (RGBA, LA, palette with a transparent colour) is composited on `background` (white);
     - a multi-frame file (GIF, TIFF, ...) gives its first frame, and says so in `notes`.
@@ -284,26 +286,43 @@ def read_image(path, *, notes: Optional[List[str]] = None, background=BACKGROUND
             if n_frames > 1 and notes is not None:
                 notes.append(f"{n_frames} frames: the first is used")
             img.load()
-            return _as_rgb(img, background)
+            return _as_rgb(img, background, notes)
     except BadInputError:
         raise
     except Exception as exc:  # decoding errors come in many types
         raise BadInputError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from exc
 
 
-def _as_rgb(img: Image.Image, background) -> Image.Image:
+def _as_rgb(img: Image.Image, background, notes: Optional[List[str]] = None) -> Image.Image:
     import numpy as np
     from PIL import ImageOps
 
     img = ImageOps.exif_transpose(img)
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if mode.startswith("I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode != "I" or arr.max() <= 65535 else float(arr.max())
+        top, what = _integer_range(img)
+        if arr.min() < 0 and notes is not None:
+            notes.append(f"{what}: negative values shown as black")
         img = Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+        if notes is not None:
+            notes.append(f"{what}: scaled to 8 bits (x 255/{int(top)})")
     elif mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        if not np.isfinite(arr).all():
+            raise BadInputError("a float image with NaN or infinite values")
+        hi = float(arr.max()) if arr.size else 0.0
+        if hi <= 1.0:
+            scale, rule = 255.0, "values in [0, 1]: x 255"
+        elif hi <= 255.0:
+            scale, rule = 1.0, "values in [0, 255]: taken as 8-bit levels"
+        elif hi <= 65535.0:
+            scale, rule = 255.0 / 65535.0, "values in [0, 65535]: taken as 16-bit levels (x 255/65535)"
+        else:
+            raise BadInputError(f"a float image with values up to {hi:g}: no known range (textspan reads float "
+                                f"images in [0, 1], [0, 255] or [0, 65535]); convert it to 8 or 16 bits")
+        if notes is not None:
+            notes.append(f"float image, {rule}" + ("; negative values shown as black" if arr.min() < 0 else ""))
         img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), "L")
     elif mode == "CMYK" and img.info.get("icc_profile"):
         try:
@@ -322,6 +341,26 @@ def _as_rgb(img: Image.Image, background) -> Image.Image:
         base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
         return Image.alpha_composite(base, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _integer_range(img: Image.Image) -> Tuple[float, str]:
+    """(full-scale value, description) of an integer image, from its declared bit depth: 16-bit modes (I;16*) and
+    files that declare 16 bits per sample: 65535; 32-bit (Pillow's "I"): 2^32 - 1 for unsigned samples, 2^31 - 1
+    for signed ones (TIFF SampleFormat), else 2^31 - 1. Never the image's own maximum (a dark image stays dark)."""
+    if img.mode.startswith("I;16"):
+        return 65535.0, "16-bit image"
+    bits, fmt = None, None
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None:
+        b = tags.get(258)
+        bits = int(b[0] if isinstance(b, (tuple, list)) else b) if b else None
+        f = tags.get(339)
+        fmt = int(f[0] if isinstance(f, (tuple, list)) else f) if f else None
+    if bits is not None and bits <= 16:
+        return float(2 ** bits - 1), f"{bits}-bit image"
+    if fmt == 1:
+        return float(2 ** 32 - 1), "32-bit unsigned image"
+    return float(2 ** 31 - 1), "32-bit integer image"
 
 
 def load_rgb(path: str) -> Image.Image:

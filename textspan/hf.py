@@ -11,12 +11,13 @@ list of texts and return what the text tower takes (SigLIP pads to its fixed len
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import UnsupportedModelError, WeightsUnavailableError
+from .errors import BadInputError, InputNotFoundError, UnsupportedModelError, WeightsUnavailableError
 
 SUPPORTED = ("CLIPModel", "SiglipModel", "CLIPVisionModelWithProjection", "CLIPVisionModel", "SiglipVisionModel")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -79,6 +80,66 @@ class HFTokenizer:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
 
 
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+CONFIG_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json",
+                "image_processor_config.json")
+
+
+def check_hf_name(name: str) -> None:
+    """A local folder, or a Hugging Face hub id (NAME or ORG/NAME); anything else is refused naming it."""
+    if os.path.isdir(name):
+        return
+    if "://" in name:
+        raise BadInputError(f"hf:{name!r} is a URL; give the hub id (ORG/NAME, e.g. hf:openai/clip-vit-base-patch16) "
+                            f"or a local folder")
+    if name.startswith(("/", "./", "../", "~")) or os.sep in name.strip("/").replace("/", "", 1) or \
+            os.path.exists(name):
+        raise InputNotFoundError(f"hf:{name}: no such model folder (a local transformers model is a folder "
+                                 f"holding its config.json)")
+    if not HUB_ID.match(name) or ".." in name or name.endswith((".", "-")):
+        raise BadInputError(f"hf:{name!r} is not a Hugging Face hub id: expected NAME or ORG/NAME (letters, digits, "
+                            f"'-', '_', '.'), e.g. hf:openai/clip-vit-base-patch16, or a local folder")
+
+
+def refuse_remote_code(name: str, cache_dir: Optional[str] = None) -> None:
+    """textspan never runs code shipped with a model: a folder (or cached hub model) whose configs name custom code
+    (`auto_map`) is refused before transformers reads it, so its question "run the custom code?" is never asked."""
+    import json
+
+    from .models import hub_file_cached
+
+    for fname in CONFIG_FILES:
+        path = os.path.join(name, fname) if os.path.isdir(name) else hub_file_cached(name, fname, cache_dir)
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"{path}: not a readable JSON config ({exc})") from None
+        found = _auto_maps(data)
+        if found:
+            raise UnsupportedModelError(
+                f"{path} names custom code ({', '.join(sorted(found))} in auto_map): textspan never runs code that "
+                f"comes with a model. Load the model with its standard transformers CLIP/SigLIP classes (a config "
+                f"without auto_map), or convert it to a supported family")
+
+
+def _auto_maps(data) -> set:
+    """The class names any `auto_map` (at any depth of a config) points to."""
+    found = set()
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k == "auto_map" and v:
+                found |= set(v) if isinstance(v, dict) else {str(v)}
+            else:
+                found |= _auto_maps(v)
+    elif isinstance(data, list):
+        for v in data:
+            found |= _auto_maps(v)
+    return found
+
+
 def _local_or_cached(name: str, cache_dir: Optional[str]) -> bool:
     from .models import hub_file_cached
 
@@ -92,6 +153,8 @@ def load_hf_model(name: str, device: Union[str, torch.device] = "cpu", *, precis
     The tokenizer is None for a vision-only model or a folder without tokenizer files (text jobs then say so)."""
     from .models import _hub_reachable
 
+    check_hf_name(name)
+    refuse_remote_code(name, cache_dir)
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - a dependency
@@ -107,7 +170,7 @@ def load_hf_model(name: str, device: Union[str, torch.device] = "cpu", *, precis
         raise UnsupportedModelError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
     transformers.utils.logging.set_verbosity_error()  # no progress bars or config chatter in textspan's output
     transformers.utils.logging.disable_progress_bar()
-    config = transformers.AutoConfig.from_pretrained(name, cache_dir=cache_dir)
+    config = transformers.AutoConfig.from_pretrained(name, cache_dir=cache_dir, trust_remote_code=False)
     arch = (getattr(config, "architectures", None) or [""])[0]
     model_type = getattr(config, "model_type", "")
     if model_type not in ("clip", "siglip", "clip_vision_model", "siglip_vision_model"):
@@ -116,13 +179,13 @@ def load_hf_model(name: str, device: Union[str, torch.device] = "cpu", *, precis
             f"reads transformers {', '.join(SUPPORTED)}")
     cls = getattr(transformers, arch, None) if arch in SUPPORTED else None
     cls = cls or transformers.AutoModel
-    model = cls.from_pretrained(name, cache_dir=cache_dir, torch_dtype=PRECISIONS[precision])
+    model = cls.from_pretrained(name, cache_dir=cache_dir, torch_dtype=PRECISIONS[precision], trust_remote_code=False)
     model = model.to(device).eval()
-    processor = transformers.AutoImageProcessor.from_pretrained(name, cache_dir=cache_dir)
+    processor = transformers.AutoImageProcessor.from_pretrained(name, cache_dir=cache_dir, trust_remote_code=False)
     tokenizer = None
     if hasattr(model, "get_text_features"):
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
+            tok = transformers.AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, trust_remote_code=False)
         except (OSError, ValueError):
             tok = None
         if tok is not None:

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from . import engine, explain_eval, metrics
-from .errors import BadInputError
+from .errors import BadInputError, job
 from .jobs import Loaded, Notify, _nothing, resolve_model, zero_shot_classifier
 from .store import RunFolder
 
@@ -67,6 +67,7 @@ class HeatmapResult:
             ("relative" if self.relative else "absolute") + " decomposition maps"), relative=self.relative)
 
 
+@job
 def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), model="shapes", pretrained=None, *,
                   device=None, heads=None, layers=None, absolute: bool = False, labels=None, top: int = 3,
                   panel_scale: bool = False, head_grid: bool = False, overwrite: bool = False) -> HeatmapResult:
@@ -171,6 +172,7 @@ class Comparison:
         return compare_grid(None, self.frames, self.names, list(self.prompts), list(self.maps), shown, self.seconds)
 
 
+@job
 def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model="shapes", pretrained=None, *,
                     methods: Optional[Sequence[str]] = None, device=None, overwrite: bool = False) -> Comparison:
     """Every explainer on the same images and prompts: compare.png (rows: image x prompt, columns: methods; each
@@ -232,6 +234,7 @@ def _eval_settings(loaded: Loaded, method, options, W, classnames, **data) -> di
             **data}
 
 
+@job
 def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *, classes=None, templates=None,
                           classifier=None, target: str = "predicted", samples: int = 8,
                           method: str = "decomposition", options: Optional[dict] = None, batch_size: int = 16,
@@ -384,6 +387,7 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
     return res
 
 
+@job
 def evaluate_perturbation(images, output=None, model="shapes", pretrained=None, *, classes=None, templates=None,
                           classifier=None, method: str = "decomposition", options: Optional[dict] = None,
                           limit: Optional[int] = None, batch_size: int = 32, device=None, overwrite: bool = False,

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import ablation, engine
 from .cache import HeadCache
-from .errors import BadInputError, FolderMismatchError, InputNotFoundError, ModelMismatchError
+from .errors import BadInputError, FolderMismatchError, InputNotFoundError, ModelMismatchError, job
 from .names import head_name, parse_head_name, parse_heads, parse_layers
 from .store import RunFolder
 
@@ -291,6 +291,7 @@ def _array_digest(a) -> str:
 # cache, decompose, encode texts
 
 
+@job
 def cache_images(images, output, model="shapes", pretrained=None, *, device=None, split=None, batch_size: int = 32,
                  dtype: str = "float32", num_workers: int = 0, overwrite: bool = False, quiet: bool = True):
     """Decompose every image of a folder or list file and stream the head terms into a cache folder (see
@@ -320,6 +321,7 @@ class DecomposeSummary:
     output: Optional[Path] = None
 
 
+@job
 def decompose_images(paths: Sequence, output=None, model="shapes", pretrained=None, *, device=None, top: int = 5,
                      preprocess=None, overwrite: bool = False, notify: Notify = log.info) -> DecomposeSummary:
     """Spatially decompose each image file.
@@ -388,6 +390,7 @@ class _nothing:
         return None
 
 
+@job
 def encode_bank(bank, output, model="shapes", pretrained=None, *, device=None, batch_size: int = 256,
                 tokenizer=None) -> Tuple[np.ndarray, Path]:
     """Encode a text bank (a file, or a built-in bank name) with the model's text tower into FILE.npy, with a
@@ -504,6 +507,7 @@ class HeadLabels:
         return labels
 
 
+@job
 def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts: int = 20, layers="-4:",
                 rank: int = 80, pool_heads: bool = False, model=None, pretrained=None, device=None, tokenizer=None,
                 overwrite: bool = False, quiet: bool = True) -> HeadLabels:
@@ -569,6 +573,7 @@ class CompletenessResult:
     labels: HeadLabels
 
 
+@job
 def measure_completeness(cache, output=None, *, bank=None, text_embeddings=None, classes=None, templates=None,
                          classifier=None, n_texts: Sequence[int] = (5, 10, 20, 40, 60), layers="-4:", rank: int = 80,
                          reference=None, same_set: bool = False, seed: int = 0, model=None, pretrained=None,
@@ -630,6 +635,7 @@ class Retrieval:
     scores: List[float]
 
 
+@job
 def retrieve_images(cache, head, text: str, output=None, *, top: int = 16, bottom: bool = False, model=None,
                     pretrained=None, device=None, overwrite: bool = False, notify: Notify = log.warning) -> Retrieval:
     """Rank a cache's images by the dot product of one head's term with a text's embedding (``bottom``: least
@@ -688,6 +694,7 @@ class AblationResult:
                             label="accuracy change (pts)")
 
 
+@job
 def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier=None, reference=None,
                  same_set: bool = False, heads=None, draws: int = 5, seed: int = 0, model=None, pretrained=None,
                  device=None, overwrite: bool = False) -> AblationResult:
@@ -750,6 +757,7 @@ class DebiasResult:
     classifier: object
 
 
+@job
 def debias_cache(cache, output=None, *, reference=None, same_set: bool = False, classes=None, templates=None,
                  classifier=None, label_column: str = "label", group_column: str = "group",
                  spurious_column: str = "place", select: str = "auto", heads=None,
@@ -867,6 +875,7 @@ def debias_cache(cache, output=None, *, reference=None, same_set: bool = False, 
 # the shapes world
 
 
+@job
 def write_shapes_world(output, n: int = 1000, *, seed: int = 0, objects: int = 1, spurious: Optional[str] = None,
                        overwrite: bool = False) -> Path:
     """Write generated shapes-world images (ImageFolder layout by shape), their masks and metadata.csv.
@@ -914,6 +923,7 @@ def write_shapes_world(output, n: int = 1000, *, seed: int = 0, objects: int = 1
     return out
 
 
+@job
 def write_shapes_waterbirds(output, n_train: int = 2000, n_val: int = 1000, n_test: int = 2000, *,
                             correlation: float = 0.95, overwrite: bool = False) -> Path:
     """A Waterbirds-layout dataset from the spurious shapes world: OUTPUT/metadata.csv (img_filename, y, split,
@@ -976,6 +986,7 @@ def _refuse_other_world(out: Path, run: RunFolder, settings: dict, overwrite: bo
     (out / "metadata.csv").unlink(missing_ok=True)
 
 
+@job
 def evaluate_shapes(output=None, model: str = "shapes", pretrained=None, *, n: int = 2000, seed: int = 12345,
                     overwrite: bool = False) -> dict:
     """Zero-shot accuracy of a built-in model per attribute on `n` fresh single-object images (accuracy.json);

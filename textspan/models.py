@@ -20,7 +20,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import engine
-from .errors import InputNotFoundError, UnknownModelError, UnsupportedModelError, WeightsUnavailableError
+from .errors import (BadInputError, DeviceError, InputNotFoundError, UnknownModelError, UnsupportedModelError,
+                     WeightsUnavailableError, job)
 
 __all__ = ["BUILTIN_MODELS", "ModelInfo", "UnsupportedModelError", "WeightsUnavailableError", "check_decomposable",
            "describe_pretrained", "fingerprint", "load_model", "model_info", "visual_of"]
@@ -117,6 +118,7 @@ def _tag_preprocess_kwargs(tag_cfg: dict) -> dict:
     return kw
 
 
+@job
 def load_model(
     name: str,
     pretrained: Optional[Union[str, os.PathLike]] = None,
@@ -157,6 +159,7 @@ def load_model(
     """
     import open_clip
 
+    check_device(device)
     if name in BUILTIN_MODELS:
         from .builtin import load_shapes_model
 
@@ -206,7 +209,12 @@ def load_model(
         log.warning("ignoring pretrained=%r: model name %r carries its own weights", pretrained, name)
         pretrained = None
 
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:
+        if pretrained is not None and os.path.isfile(str(pretrained)):
+            raise _checkpoint_error(str(pretrained), name, exc) from None
+        raise
     tokenizer = _open_clip_tokenizer(name, cache_dir)
     model.eval()
     check_decomposable(model)
@@ -237,6 +245,47 @@ def _open_clip_tokenizer(name: str, cache_dir: Optional[str]):
             log.warning("%s; image jobs still run", msg)
             return MissingTokenizer(msg)
     return open_clip.get_tokenizer(name)
+
+
+def check_device(device) -> torch.device:
+    """The torch device `device` names, refused (`DeviceError`) when this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BadInputError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"--device {device}: {why} on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return dev
+
+
+def _checkpoint_error(path: str, name: str, exc: Exception) -> Exception:
+    """A clear error for a checkpoint file open_clip could not load (never advising to unpickle arbitrary code)."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        if "invalid load key" in text or "could not find MARK" in text:
+            return BadInputError(f"{path}: not a PyTorch checkpoint (it cannot be read as one: "
+                                 f"{text.splitlines()[0][:200]})")
+        return BadInputError(
+            f"{path}: the checkpoint holds Python objects other than tensors (e.g. a whole pickled model), which "
+            f"textspan does not unpickle, since unpickling can run code. Save the weights alone, e.g. "
+            f"torch.save(model.state_dict(), path), or as .safetensors")
+    if "Error(s) in loading state_dict" in text or isinstance(exc, (KeyError, StopIteration)):
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()][:3]
+        return BadInputError(f"{path}: not a state dict of model {name!r} (the weights do not fit: "
+                             f"{' '.join(lines)[:400]})")
+    if isinstance(exc, (AttributeError, TypeError)):
+        return BadInputError(f"{path}: not a state dict (a mapping of parameter names to tensors) of model "
+                             f"{name!r}: {text[:200]}")
+    return exc
 
 
 def _unknown_model_message(name: str) -> str:
