@@ -61,6 +61,9 @@ class StorageError(TextspanError, OSError):
     """Reading or writing a file failed for a reason of the file system (disk full, read-only, permission, a path
     through a file); the message names the path and what was kept."""
 
+    def __str__(self) -> str:  # the message as written (OSError would print "[Errno N] ..." once errno is set)
+        return str(self.args[0]) if self.args else ""
+
 
 class DeviceError(TextspanError, RuntimeError):
     """The torch device asked for is not there (e.g. --device cuda on a machine without a GPU)."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import ablation, engine
 from .cache import HeadCache
-from .errors import BadInputError, FolderMismatchError, InputNotFoundError, ModelMismatchError, job
+from .errors import BadInputError, FolderMismatchError, InputNotFoundError, ModelMismatchError, TextspanError, job
 from .names import head_name, parse_head_name, parse_heads, parse_layers
 from .store import RunFolder
 
@@ -91,6 +91,8 @@ def open_cache(cache) -> HeadCache:
         raise InputNotFoundError(f"cache folder not found: {cache}")
     try:
         return HeadCache(folder)
+    except TextspanError:
+        raise
     except FileNotFoundError as exc:
         raise InputNotFoundError(str(exc)) from exc
     except ValueError as exc:

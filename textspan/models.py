@@ -271,7 +271,10 @@ def _checkpoint_error(path: str, name: str, exc: Exception) -> Exception:
 
     text = str(exc)
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
-        if "invalid load key" in text or "could not find MARK" in text:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive (PK..); older files a pickle (protocol mark 0x80)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80") or "invalid load key" in text:
             return BadInputError(f"{path}: not a PyTorch checkpoint (it cannot be read as one: "
                                  f"{text.splitlines()[0][:200]})")
         return BadInputError(
