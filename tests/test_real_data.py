@@ -312,6 +312,23 @@ def test_jobs_refuse_a_finished_run_with_other_settings(tmp_path, shapes_cache):
         assert res.exit_code == 1 and "other settings" in res.output and no_traceback(res), res.output
         assert json.loads((out / "run.json").read_text())["settings"] == json.loads(before)["settings"]
         assert run(*base, *other, "-o", out, "--quiet", "--overwrite").exit_code == 0
+    # the atlas of those labels: other settings (another image count) refused, --overwrite replaces
+    site = tmp_path / "site"
+    args = ["atlas", c, "--labels", tmp_path / "label-heads", "--map-images", "0", "-o", site, "--quiet"]
+    assert run(*args, "--images", "2").exit_code == 0
+    res = run(*args, "--images", "3")
+    assert res.exit_code == 1 and "other settings" in res.output and "n_images" in res.output, res.output
+    assert run(*args, "--images", "3", "--overwrite").exit_code == 0
+
+
+def test_debias_refuses_a_finished_run_with_other_settings(tmp_path):
+    textspan.write_shapes_waterbirds(tmp_path / "wb", 0, 12, 12)
+    textspan.cache_images(tmp_path / "wb", tmp_path / "c", "shapes-spurious", device="cpu", split="test")
+    base = ["debias", tmp_path / "c", "--same-set", "--draws", "1", "-o", tmp_path / "d", "--quiet"]
+    assert run(*base, "--n-heads", "1").exit_code == 0
+    res = run(*base, "--n-heads", "2")
+    assert res.exit_code == 1 and "other settings" in res.output and "heads" in res.output, res.output
+    assert run(*base, "--n-heads", "2", "--overwrite").exit_code == 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
