@@ -102,7 +102,11 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
     names = [Path(p).stem for p in images]
     shown = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]  # the maps live on the preprocessed frame
     result = HeatmapResult(None, {}, {}, shown, names, list(prompts), not absolute)
-    run = RunFolder(output, "heatmap", overwrite=overwrite) if output is not None else None
+    settings = dict(fingerprint=loaded.fingerprint, images=[str(Path(p).resolve()) for p in images],
+                    prompts=list(prompts), heads=[head_name(*p) for p in pairs], layers=layers, absolute=absolute,
+                    labels=None if labels is None else str(getattr(label_set, "cache", "")) + f":{label_set.bank_digest}",
+                    top=top, panel_scale=panel_scale, head_grid=head_grid)
+    run = RunFolder(output, "heatmap", settings, overwrite=overwrite) if output is not None else None
     out = Path(output) if output is not None else None
     from .visualize import overlay_figure, overlay_grid
 
@@ -192,7 +196,9 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
     frames = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
     res = Comparison({}, {}, frames, [Path(p).stem for p in images], list(prompts))
     shown = {}
-    run = RunFolder(output, "compare", overwrite=overwrite) if output is not None else None
+    settings = dict(fingerprint=loaded.fingerprint, images=[str(Path(p).resolve()) for p in images],
+                    prompts=list(prompts), methods=names)
+    run = RunFolder(output, "compare", settings, overwrite=overwrite) if output is not None else None
     with run if run is not None else _nothing():
         for m in names:
             start = time.perf_counter()

@@ -339,7 +339,8 @@ def decompose_images(paths: Sequence, output=None, model="shapes", pretrained=No
     from .decomposition import decompose
 
     loaded = resolve_model(model, pretrained, device, preprocess=preprocess)
-    run = RunFolder(output, "decompose", overwrite=overwrite) if output is not None else None
+    settings = dict(fingerprint=loaded.fingerprint, images=[str(Path(p).resolve()) for p in paths], top=top)
+    run = RunFolder(output, "decompose", settings, overwrite=overwrite) if output is not None else None
     out = Path(output) if output is not None else None
     summary, used = [], set()
     dev = engine.model_device(loaded.model)
