@@ -32,7 +32,7 @@ def test_atlas_files(site):
     tmp, res = site
     out = tmp / "site"
     assert res.n_heads == 32 and res.n_maps == 32 and res.n_thumbnails > 0
-    assert set(res.measures) == {"variance", "ablation", "attribute", "norm"}
+    assert set(res.measures) == {"variance", "margin", "ablation", "attribute", "norm"}
     assert len(list((out / "heads").glob("L*H*.html"))) == 32
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "atlas" and run["model_fingerprint"] and run["bank_digest"] and run["versions"]
@@ -112,10 +112,22 @@ def test_atlas_in_headless_chromium(site, tmp_path):
         assert 0 < len(want) < 32
         box = driver.find_element(By.ID, "search")
         box.send_keys("water")
-        got = sorted(li.get_attribute("data-head") for li in driver.find_elements(By.CSS_SELECTOR, "#results li"))
-        assert got == want
+        items = driver.find_elements(By.CSS_SELECTOR, "#results li")
+        got = [li.get_attribute("data-head") for li in items]
+        assert sorted(got) == want
+        # ranked by the share of the head's variance its matching texts explain, the share shown
+        share = {h: sum(float(v) for t, v in zip(labels[h].texts, labels[h].variance_explained)
+                        if "water" in t.lower()) for h in want}
+        shown = [float(li.get_attribute("data-share")) for li in items]
+        assert shown == sorted(shown, reverse=True)
+        assert got[0] == max(share, key=share.get)
+        assert np.allclose(shown, [share[h] for h in got], atol=1e-5)
+        assert "% of its variance" in items[0].text
         hits = driver.find_elements(By.CSS_SELECTOR, "td.hit")
         assert len(hits) == len(want)
+        # the grid cells show each head's top text
+        top = driver.execute_script("return document.querySelector('td[data-head=\"L3H1\"] .top').textContent")
+        assert top == labels["L3H1"].texts[0]
         # another measure recolours the grid
         before = driver.execute_script("return document.querySelector('td[data-head=\"L3H1\"]').style.background")
         driver.execute_script("var s = document.getElementById('measure'); s.value = 'ablation';"

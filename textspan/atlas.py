@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._repr import concise
 from .errors import BadInputError, ModelMismatchError, job
 from .jobs import HeadLabels, Notify, is_builtin, open_cache
 from .names import head_name
@@ -38,6 +39,7 @@ ASSETS = Path(__file__).resolve().parent / "atlas_assets"
 _BLOCK = 512  # rows of the head terms read at a time
 
 
+@concise
 @dataclass
 class AtlasResult:
     """Where the site is and what it holds."""
@@ -196,7 +198,11 @@ def _read_ablations(folder, L: int, H: int) -> dict:
     single = np.asarray(res.get("single_heads"), dtype=np.float64)
     if single.shape != (L, H):
         raise BadInputError(f"{path}: single-head accuracies of shape {single.shape}, the cache has {L} x {H} heads")
-    return {"effect": single - res["baseline"], "baseline": res["baseline"], "protocol": res.get("protocol", "")}
+    out = {"effect": single - res["baseline"], "baseline": res["baseline"], "protocol": res.get("protocol", "")}
+    if "single_heads_margin" in res:  # ablate outputs before the margin was measured have accuracy only
+        out["margin_effect"] = np.asarray(res["single_heads_margin"], dtype=np.float64) - res["baseline_margin"]
+        out["baseline_margin"] = res["baseline_margin"]
+    return out
 
 
 def _measures(c, lab: HeadLabels, heads, norms, abl, notify) -> Dict[str, dict]:
@@ -212,7 +218,16 @@ def _measures(c, lab: HeadLabels, heads, norms, abl, notify) -> Dict[str, dict]:
     if abl is not None:
         eff = abl["effect"]
         scale = float(np.abs(eff).max()) or 1.0
-        out["ablation"] = {"label": "accuracy change when mean-ablated (pts; negative: the head matters)",
+        if "margin_effect" in abl:  # first: it does not saturate, so it is the one that shows something
+            meff = abl["margin_effect"]
+            mscale = float(np.abs(meff).max()) or 1.0
+            out["margin"] = {"label": "correct-class margin change when mean-ablated (cosine; red, negative: the "
+                                      "head matters)",
+                             "values": {head_name(l, h): float(meff[l, h]) for l in range(meff.shape[0])
+                                        for h in range(meff.shape[1])},
+                             "min": -mscale, "max": mscale, "diverging": True, "scale": mscale, "digits": 4,
+                             "notes": {}}
+        out["ablation"] = {"label": "accuracy change when mean-ablated (pts; red, negative: the head matters)",
                            "values": {head_name(l, h): float(eff[l, h]) for l in range(eff.shape[0])
                                       for h in range(eff.shape[1])},
                            "min": -scale, "max": scale, "diverging": True, "scale": scale, "digits": 2, "notes": {}}
@@ -323,7 +338,8 @@ def _maps(c, lab, heads, folder: Path, k: int, model, pretrained, device, notify
         if len(ts) > 1:
             m = m - m.mean(dim=1, keepdim=True)
         name = f"{head_name(l, h)}_maps.jpg"
-        map_grid_image(shown, m.float().cpu().numpy(), relative=len(ts) > 1, cell=96).save(folder / name, quality=85)
+        map_grid_image(shown, m.float().cpu().numpy(), relative=len(ts) > 1, cell=160,
+                       col_labels=list(ts)).save(folder / name, quality=88)
         out[(l, h)] = name
     return out
 
@@ -340,7 +356,9 @@ def _page(title: str, body: str, root: str) -> str:
 
 def _write_data_js(path: Path, L, H, heads, lab, measures) -> None:
     data = {"layers": L, "n_heads": H, "heads": [head_name(*k) for k in heads],
-            "labels": {head_name(*k): list(lab.results[k].texts) for k in heads}, "measures": measures}
+            "labels": {head_name(*k): list(lab.results[k].texts) for k in heads},
+            "shares": {head_name(*k): [round(float(v), 6) for v in lab.results[k].variance_explained] for k in heads},
+            "measures": measures}
     path.write_text("window.ATLAS = " + json.dumps(data, separators=(",", ":")) + ";\n")
 
 
@@ -380,7 +398,10 @@ def _write_index(path: Path, c, lab, heads, measures, contrib, L, H) -> None:
         for h in range(H):
             name = head_name(l, h)
             if name in labelled:
-                cells.append(f'<td data-head="{name}"><a href="heads/{name}.html">{h}</a></td>')
+                texts = lab.results[(l, h)].texts
+                top = texts[0] if len(texts) else ""
+                cells.append(f'<td data-head="{name}" data-top="{html.escape(top)}"><a href="heads/{name}.html">'
+                             f'<span class="idx">{h}</span><span class="top">{html.escape(top)}</span></a></td>')
             else:
                 cells.append(f'<td data-head="{name}" title="{name}: not labelled">{h}</td>')
         body_rows.append(f"<tr><th>L{l}</th>{''.join(cells)}</tr>")
@@ -398,7 +419,7 @@ model fingerprint {html.escape(m['fingerprint'])}</p>
 <h2>Heads</h2>
 <div class="controls">
 <label>colour by <select id="measure">{options}</select></label>
-<label>search labels <input id="search" type="search" placeholder="a word, e.g. water" autocomplete="off"></label>
+<label>which heads do <input id="search" type="search" placeholder="a word, e.g. water" autocomplete="off"></label>
 <span id="count" class="meta"></span>
 </div>
 <div id="legend" class="legend"><span class="lo"></span><span class="bar"></span><span class="hi"></span>
@@ -416,15 +437,22 @@ its MLP term with the normalised embedding; all bars together sum to 1 per image
     path.write_text(_page(f"textspan atlas: {m['model']}", body, ""))
 
 
+MIN_SHARE_FOR_IMAGES = 0.01  # a text explaining less of its head's variance gets no thumbnails (they would not show it)
+
+
 def _write_head_page(path: Path, key, c, lab, top, images, abl, maps_file, measures) -> None:
     name = head_name(*key)
     r = lab.results[key]
     rows = []
     for i, (t, v, cum) in enumerate(zip(r.texts, r.variance_explained, r.cumulative)):
         rs, ss = top[i] if i < len(top) else ([], [])
-        thumbs = "".join(f'<figure><img src="../thumbs/{int(row):06d}.jpg" alt="image row {int(row)}" '
-                         f'title="{html.escape(str(images["path"][int(row)]))}"><figcaption>{s:+.3f}</figcaption>'
-                         f'</figure>' for row, s in zip(rs, ss))
+        if float(v) < MIN_SHARE_FOR_IMAGES:
+            thumbs = (f'<span class="meta weak">explains {100 * float(v):.1f}% of the head\'s variance (under '
+                      f'{100 * MIN_SHARE_FOR_IMAGES:.0f}%): too little for the top images along it to show it</span>')
+        else:
+            thumbs = "".join(f'<figure><img src="../thumbs/{int(row):06d}.jpg" alt="image row {int(row)}" '
+                             f'title="{html.escape(str(images["path"][int(row)]))}"><figcaption>{s:+.3f}'
+                             f'</figcaption></figure>' for row, s in zip(rs, ss))
         rows.append(f'<tr><td class="num">{i + 1}</td><td>{html.escape(t)}</td>'
                     f'<td class="num"><span class="bar" style="width:{max(1, 200 * float(v)):.0f}px"></span> '
                     f'{100 * float(v):.1f}%</td><td class="num">{100 * float(cum):.1f}%</td>'
@@ -442,8 +470,15 @@ def _write_head_page(path: Path, key, c, lab, top, images, abl, maps_file, measu
     if abl is not None:
         e = float(abl["effect"][key])
         cls = "effect-neg" if e < 0 else "effect-pos"
+        margin = ""
+        if "margin_effect" in abl:
+            me = float(abl["margin_effect"][key])
+            margin = (f' and the correct class\'s mean margin (its logit minus the largest other) by <b class='
+                      f'"{"effect-neg" if me < 0 else "effect-pos"}">{me:+.4f}</b> (baseline '
+                      f'{abl["baseline_margin"]:.4f})')
         effect = (f'<h2>Ablation</h2><p>Mean-ablating {name} changes zero-shot accuracy by <b class="{cls}">'
-                  f'{e:+.2f} points</b> (baseline {abl["baseline"]:.2f}%; {html.escape(abl["protocol"])}).</p>')
+                  f'{e:+.2f} points</b> (baseline {abl["baseline"]:.2f}%){margin}; red, negative: the head matters '
+                  f'({html.escape(abl["protocol"])}).</p>')
     truth = ""
     if "attribute" in measures and name in measures["attribute"]["values"]:
         truth = (f'<p class="meta">Ground truth: the attribute that explains this head best is '
@@ -454,7 +489,7 @@ def _write_head_page(path: Path, key, c, lab, top, images, abl, maps_file, measu
         maps = (f'<h2>Maps of its top texts</h2><p class="meta">Columns: the image, then each of the top '
                 f'{min(3, len(r.texts))} texts ({html.escape(", ".join(r.texts[:3]))}); this head\'s direct '
                 f'contribution per patch dotted with the text, relative to the mean over these texts (red: towards '
-                f'the text, blue: away; transparent: near zero).</p>'
+                f'the text, blue: away; transparent: near zero; one colour scale per row, its range on the right).</p>'
                 f'<img class="maps" src="{html.escape(maps_file)}" alt="maps of {name} on sample images">')
     body = f"""<nav><a href="../index.html">&larr; all heads</a></nav>
 <h1>{name}</h1>
@@ -462,6 +497,8 @@ def _write_head_page(path: Path, key, c, lab, top, images, abl, maps_file, measu
 explain {100 * float(r.cumulative[-1]) if len(r.cumulative) else 0:.1f}% of the head's variance.</p>
 {truth}
 <h2>Texts</h2>
+<p class="meta">In the order TextSpan picked them: each text is the one that explains the most of the variance the
+texts before it left (greedy), so the shares need not decrease down the table.</p>
 {curve}
 <table class="texts"><tr><td></td><td>text</td><td>variance explained</td><td>cumulative</td>
 <td>top images by the head's projection on the text's direction</td></tr>

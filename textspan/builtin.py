@@ -48,8 +48,21 @@ class WordTokenizer:
         self.vocab_size = self.eot + 1
         self.context_length = context_length
 
+    @staticmethod
+    def _words(text: str) -> List[str]:
+        return text.lower().replace(",", " ").replace(".", " ").split()
+
+    def unknown_words(self, texts: Sequence[str]) -> dict:
+        """{word: the first text using it} for every word of `texts` this tokenizer does not know, in order."""
+        found: dict = {}
+        for t in texts:
+            for w in self._words(t):
+                if w not in self.index and w not in found:
+                    found[w] = t
+        return found
+
     def encode(self, text: str) -> List[int]:
-        tokens = text.lower().replace(",", " ").replace(".", " ").split()
+        tokens = self._words(text)
         unknown = [t for t in tokens if t not in self.index]
         if unknown:
             raise BadInputError(f"words not in the shapes-world vocabulary: {unknown} (known: {self.words})")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._repr import concise
 from ._version import __version__
 from .datasets import ImageDataset, ImageList, collate_with_failures
 from .decomposition import decompose
@@ -240,6 +241,7 @@ def check_cache(folder, manifest: Optional[dict] = None, rows: Optional[Tuple[in
 # writing
 
 
+@concise
 @dataclass
 class CacheResult:
     folder: Path
@@ -687,6 +689,12 @@ class HeadCache:
 
     def __len__(self) -> int:
         return int(self.manifest["rows_done"])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"HeadCache({str(self.folder)!r}: {len(self)} images, model {m.get('model')!r}, "
+                f"{m.get('n_layers')} layers x {m.get('n_heads')} heads, d_embed {m.get('d_embed')}, "
+                f"{len(m.get('classes') or [])} classes, {m.get('dtype')})")
 
     def check_model(self, model) -> None:
         """Refuse a model whose weights differ from the ones this cache was made with."""

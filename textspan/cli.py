@@ -296,7 +296,8 @@ _PROMPTS = click.option("--prompts", "-p", multiple=True, help="a prompt (repeat
 @click.option("--layers", default=None, help="restrict to layers: '-4:', '9,10'.")
 @click.option("--absolute", is_flag=True, help="raw maps instead of maps relative to the mean over prompts.")
 @click.option("--labels", default=None, type=click.Path(exists=True, file_okay=False),
-              help="label-heads output: one figure per labelled head with the maps of its top texts.")
+              help="label-heads output: one figure per labelled head with the maps of its top texts (only the "
+                   "--heads given, when given).")
 @click.option("--top", default=3, show_default=True, help="with --labels: texts per head.")
 @click.option("--panel-scale", is_flag=True, help="grid figures: each panel on its own colour scale.")
 @click.option("--head-grid", is_flag=True, help="also one grid per prompt of images x heads: head_grid_NN.png.")
@@ -308,7 +309,7 @@ def heatmap(images, model_name, pretrained, device, prompts, heads, layers, abso
 
     draw_heatmaps(images, output, prompts, model_name, pretrained, device=device, heads=heads, layers=layers,
                   absolute=absolute, labels=labels, top=top, panel_scale=panel_scale, head_grid=head_grid,
-                  overwrite=overwrite)
+                  overwrite=overwrite, quiet=quiet)
     click.echo(f"maps written to {output}")
 
 
@@ -343,17 +344,19 @@ def segment_eval(data, model_name, pretrained, device, classifier, classes, temp
 @model_options
 @classifier_options
 @method_options
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="use the first N images only.")
+@click.option("--limit", default=None, type=click.IntRange(min=1),
+              help="use N images: a seeded sample spread over the classes (see --seed).")
+@click.option("--seed", default=0, show_default=True, help="seed of the --limit sample.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @run_options
 def perturb_eval(images, model_name, pretrained, device, classifier, classes, templates, method, method_option,
-                 limit, batch_size, output, overwrite, quiet):
+                 limit, seed, batch_size, output, overwrite, quiet):
     """Positive/negative perturbation test of an explainer -> perturbation.json/.csv/.png (resumable)."""
     from .image_jobs import evaluate_perturbation
 
     r = evaluate_perturbation(images, output, model_name, pretrained, classes=classes, templates=templates,
                               classifier=classifier, method=method, options=_method_options(method, method_option),
-                              limit=limit, batch_size=batch_size, device=device, overwrite=overwrite, quiet=quiet,
+                              limit=limit, seed=seed, batch_size=batch_size, device=device, overwrite=overwrite, quiet=quiet,
                               notify=notify)
     click.echo(f"{method}: positive AUC {r['positive_auc']:.2f} (lower is better), negative AUC "
                f"{r['negative_auc']:.2f} (higher is better); {r['n_images']} images, {len(r['failures'])} failed")
@@ -372,7 +375,7 @@ def compare(images, methods, prompts, model_name, pretrained, device, output, ov
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     res = compare_methods(images, prompts, output, model_name, pretrained, methods=names, device=device,
-                          overwrite=overwrite)
+                          overwrite=overwrite, quiet=quiet)
     click.echo("  ".join(f"{m} {s:.2f}s" for m, s in res.seconds.items()) + f"\nwritten to {output}")
 
 

@@ -94,7 +94,8 @@ classifier_options = options(
     click.option("--classifier", default=None, type=click.Path(exists=True, dir_okay=False),
                  help="a [d_embed, classes] .npy zero-shot classifier (else built from --classes/--templates)."),
     click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
-                 help="class names, one per line, in label order (default: the cache's classes)."),
+                 help="class names, one per line, in label order (default: the classes of the cache, or of the "
+                      "image folder's class sub-folders)."),
     click.option("--templates", default=None, type=click.Path(exists=True, dir_okay=False),
                  help="prompt templates with '{}' (default: the built-in templates, the shapes-world ones for the "
                       "built-in models)."))

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._repr import concise
 from .errors import InputNotFoundError, ModelMismatchError
 from .metrics import correlation_ratio
 
@@ -64,6 +65,7 @@ def top_heads(scores: np.ndarray, k: Optional[int] = None, threshold: Optional[f
     return chosen[:k] if k is not None else chosen
 
 
+@concise
 @dataclass
 class DebiasedClassifier:
     """A zero-shot classifier with some direct terms replaced by reference means.

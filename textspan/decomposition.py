@@ -30,10 +30,12 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ._repr import concise
 from .engine import Block, Tower, read_tower
 from .errors import BadInputError
 
 
+@concise
 @dataclass
 class Decomposition:
     """Direct contributions to the normalised image embedding e/||e||.
@@ -162,6 +164,7 @@ def _layer_fold(block: Block, gamma, proj, like):
     return fold, bias
 
 
+@concise
 @dataclass
 class Projection:
     """The decomposition dotted with k directions (e.g. text embeddings), kept per source token.

@@ -13,10 +13,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ._repr import concise
 from . import engine, explain_eval, metrics
 from .errors import BadInputError, job
 from .jobs import Loaded, Notify, _nothing, resolve_model, zero_shot_classifier
@@ -46,6 +47,7 @@ def _texts(loaded: Loaded, texts: Sequence[str]):
     return torch.from_numpy(encode_texts(loaded.model, loaded.tokenizer, list(texts)))
 
 
+@concise
 @dataclass
 class HeatmapResult:
     """maps [b, k, grid_h, grid_w] of the prompts (or None), per_head {head: [b, k, gh, gw]} (with head_grid),
@@ -70,14 +72,17 @@ class HeatmapResult:
 @job
 def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), model="shapes", pretrained=None, *,
                   device=None, heads=None, layers=None, absolute: bool = False, labels=None, top: int = 3,
-                  panel_scale: bool = False, head_grid: bool = False, overwrite: bool = False) -> HeatmapResult:
+                  panel_scale: bool = False, head_grid: bool = False, overwrite: bool = False,
+                  quiet: bool = True) -> HeatmapResult:
     """Per-prompt spatial maps from the decomposition for image files.
 
     With ``output``: an overlay PNG per image and prompt (NAME_JJ.png), the raw maps (maps.npy) and grid.png; with
     ``head_grid`` (needs `heads`) one grid per prompt of images x heads (head_grid_JJ.png); with ``labels`` (a
     label-heads folder or `HeadLabels`) a figure and an array per labelled head for its `top` texts. Relative maps
-    (the default) need two prompts at least; ``absolute=True`` gives each prompt's own map.
+    (the default) need two prompts at least; ``absolute=True`` gives each prompt's own map. With both `labels` and
+    `heads`, only those heads' labels are drawn. ``quiet=False``: progress bars.
     """
+    from tqdm.auto import tqdm
     from .heatmaps import check_relative, heatmaps
     from .jobs import HeadLabels
     from .names import head_name, parse_heads
@@ -108,7 +113,7 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
                     top=top, panel_scale=panel_scale, head_grid=head_grid)
     run = RunFolder(output, "heatmap", settings, overwrite=overwrite) if output is not None else None
     out = Path(output) if output is not None else None
-    from .visualize import overlay_figure, overlay_grid
+    from .visualize import SCALE_NOTES, overlay_figure, overlay_grid, row_scales
 
     kind = "absolute" if absolute else "relative"
     with run if run is not None else _nothing():
@@ -119,13 +124,16 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
             if out is not None:
                 np.save(out / "maps.npy", maps)
                 where = f" (heads {heads})" if heads else f" (layers {layers})" if layers is not None else ""
+                scales = row_scales(maps, not absolute, "panel" if panel_scale else "row")
+                note = SCALE_NOTES["panel"] if panel_scale else "colour scale shared by this image's prompts"
                 for i, name in enumerate(names):
                     for j, prompt in enumerate(prompts):
                         overlay_figure(shown[i], maps[i, j], f"{name}: {prompt!r}{where}, {kind}",
-                                       out / f"{name}_{j:02d}.png", relative=not absolute)
+                                       out / f"{name}_{j:02d}.png", relative=not absolute, scale=scales[i][j],
+                                       scale_note=note)
                 overlay_grid(shown, maps, names, list(prompts), out / "grid.png",
                              title=f"{kind} decomposition maps{where}", relative=not absolute,
-                             shared_scale=not panel_scale)
+                             scale="panel" if panel_scale else "row")
             if head_grid:
                 per = np.stack([heatmaps(loaded.model, x, T, heads=[p], relative=not absolute).cpu().numpy()
                                 for p in pairs], axis=2)  # [b, k, heads, g, g]
@@ -134,9 +142,18 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
                     for j, prompt in enumerate(prompts):
                         overlay_grid(shown, per[:, j], names, [head_name(*p) for p in pairs],
                                      out / f"head_grid_{j:02d}.png", title=f"{prompt!r}: each head alone, {kind}",
-                                     relative=not absolute, shared_scale=not panel_scale)
+                                     relative=not absolute, scale="panel" if panel_scale else "row")
         if label_set is not None:
-            for rec in label_set.records():
+            records = label_set.records()
+            if pairs:  # --heads restricts the labelled heads drawn
+                wanted = [head_name(*p) for p in pairs]
+                missing = [h for h in wanted if h not in {r["head"] for r in records}]
+                if missing:
+                    raise BadInputError(f"heads {', '.join(missing)} have no labels in {labels} (labelled: "
+                                        f"{', '.join(r['head'] for r in records[:8])}"
+                                        f"{', ...' if len(records) > 8 else ''})")
+                records = [r for r in records if r["head"] in wanted]
+            for rec in tqdm(records, disable=quiet, desc="labelled heads", unit="head"):
                 texts = [t["text"] for t in rec["texts"][:top]]
                 m = heatmaps(loaded.model, x, _texts(loaded, texts), heads=rec["head"],
                              relative=not absolute and len(texts) > 1).cpu().numpy()
@@ -145,7 +162,7 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
                     np.save(out / f"{rec['head']}.npy", m)
                     overlay_grid(shown, m, names, texts, out / f"{rec['head']}.png",
                                  title=f"{rec['head']}: its top texts", relative=not absolute and len(texts) > 1,
-                                 shared_scale=not panel_scale)
+                                 scale="panel" if panel_scale else "row")
         if run is not None:
             run.write_run_json(dict(images=[str(p) for p in images], model=loaded.name, pretrained=loaded.pretrained,
                                     prompts=list(prompts), heads=heads, layers=layers, absolute=absolute,
@@ -154,6 +171,7 @@ def draw_heatmaps(images: Sequence, output=None, prompts: Sequence[str] = (), mo
     return result
 
 
+@concise
 @dataclass
 class Comparison:
     """Raw maps per method ([b, P, grid_h, grid_w]) and seconds per method."""
@@ -173,15 +191,19 @@ class Comparison:
 
         size = (self.frames[0].size[1], self.frames[0].size[0])
         shown = {m: upsample_maps(torch.from_numpy(v), size).numpy() for m, v in self.maps.items()}
-        return compare_grid(None, self.frames, self.names, list(self.prompts), list(self.maps), shown, self.seconds)
+        return compare_grid(None, self.frames, self.names, list(self.prompts), list(self.maps), shown, self.seconds,
+                            signed=_signed_maps(self.maps, list(self.maps), len(self.prompts), size))
 
 
 @job
 def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model="shapes", pretrained=None, *,
-                    methods: Optional[Sequence[str]] = None, device=None, overwrite: bool = False) -> Comparison:
+                    methods: Optional[Sequence[str]] = None, device=None, overwrite: bool = False,
+                    quiet: bool = True) -> Comparison:
     """Every explainer on the same images and prompts: compare.png (rows: image x prompt, columns: methods; each
     map upsampled and min-max normalised, one shared colour bar), maps_<method>.npy (raw [b, P, grid_h, grid_w])
-    and times.json (seconds per method), given ``output``."""
+    and times.json (seconds per method), given ``output``. ``quiet=False``: a progress bar over the methods."""
+    from tqdm.auto import tqdm
+
     from .methods import explain, list_methods, upsample_maps
 
     names = list(methods) if methods else None
@@ -200,7 +222,9 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
                     prompts=list(prompts), methods=names)
     run = RunFolder(output, "compare", settings, overwrite=overwrite) if output is not None else None
     with run if run is not None else _nothing():
-        for m in names:
+        bar = tqdm(names, disable=quiet, desc="explainers", unit="method")
+        for m in bar:
+            bar.set_postfix_str(m)
             start = time.perf_counter()
             raw = explain(loaded.model, x, T, method=m,
                           **({"relative": len(prompts) > 1} if m == "decomposition" else {}))
@@ -214,13 +238,43 @@ def compare_methods(images: Sequence, prompts: Sequence[str], output=None, model
             for m in names:
                 np.save(out / f"maps_{m}.npy", res.maps[m])
             compare_grid(out / "compare.png", frames, [Path(p).stem for p in images], list(prompts), names, shown,
-                         res.seconds)
+                         res.seconds, signed=_signed_maps(res.maps, names, len(prompts), tuple(x.shape[-2:])))
             (out / "times.json").write_text(json.dumps({"seconds": res.seconds, "images": len(images),
                                                         "prompts": len(prompts), "device": str(x.device)}, indent=1))
             run.write_run_json(dict(images=[str(p) for p in images], methods=names, prompts=list(prompts),
                                     model=loaded.name, pretrained=loaded.pretrained),
                                model_fingerprint=loaded.fingerprint)
     return res
+
+
+def sample_across_classes(items, limit: int, seed: int = 0):
+    """A seeded sample of `limit` images of an `ImageList`, spread over its classes (as evenly as their sizes
+    allow: round-robin over the classes, each class's images in a seeded order), kept in list order."""
+    rng = np.random.default_rng(seed)
+    by_class: Dict[int, List[int]] = {}
+    for i, y in enumerate(items.labels):
+        by_class.setdefault(int(y), []).append(i)
+    queues = [list(rng.permutation(idx)) for _, idx in sorted(by_class.items())]
+    chosen: List[int] = []
+    while len(chosen) < limit:
+        for q in queues:
+            if q and len(chosen) < limit:
+                chosen.append(int(q.pop(0)))
+    chosen.sort()
+    from .datasets import ImageList
+
+    return ImageList([items.paths[i] for i in chosen], [items.labels[i] for i in chosen], items.classes, items.source,
+                     {k: [v[i] for i in chosen] for k, v in items.extra.items()}, list(items.notes))
+
+
+def _signed_maps(maps: dict, names, n_prompts: int, size) -> dict:
+    """{method: [b, P, H, W] upsampled raw maps} of the methods whose maps are signed (the decomposition relative
+    to the mean over prompts, with two prompts or more): drawn without min-max stretching."""
+    from .visualize import upsample
+
+    if "decomposition" in names and n_prompts > 1:
+        return {"decomposition": upsample(maps["decomposition"], size).numpy()}
+    return {}
 
 
 def _eval_settings(loaded: Loaded, method, options, W, classnames, **data) -> dict:
@@ -267,14 +321,15 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
     from . import segmentation as seg
     from .decomposition import project
     from .heatmaps import patch_maps
-    from .visualize import overlay, upsample
+    from .visualize import sample_figure, upsample
 
     if target not in ("predicted", "true"):
         raise BadInputError(f"target must be 'predicted' or 'true'; got {target!r}")
     options = dict(options or {})
     loaded = resolve_model(model, pretrained, device)
     dev = engine.model_device(loaded.model)
-    W, classnames = zero_shot_classifier(loaded, classes, templates, classifier)
+    W, classnames = zero_shot_classifier(loaded, classes, templates, classifier,
+                                         default_classes=seg.folder_classes(data) if Path(data).is_dir() else ())
     T = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))
     grid = engine.read_tower(loaded.model).grid_size
     is_mat = Path(data).is_file()
@@ -352,8 +407,9 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
                              **metrics.segmentation_row(metrics.normalise_map(up), mask)})
                 if out is not None and progress["samples"] < samples:
                     shown = im.resize((x.shape[-1], x.shape[-2]))
-                    overlay(shown, m.cpu().numpy(), relative=method == "decomposition").save(
-                        out / f"sample_{progress['samples']:02d}.png")
+                    sample_figure(shown, metrics.normalise_map(up), mask,
+                                  f"{item}: {target} class {classnames[c]!r}, {method} (the protocol's map: "
+                                  f"clipped at 0, min-max)", out / f"sample_{progress['samples']:02d}.png")
                     progress["samples"] += 1
             pending.clear()
             save()  # a batch's rows are saved whole or not at all
@@ -396,8 +452,8 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
 @job
 def evaluate_perturbation(images, output=None, model="shapes", pretrained=None, *, classes=None, templates=None,
                           classifier=None, method: str = "decomposition", options: Optional[dict] = None,
-                          limit: Optional[int] = None, batch_size: int = 32, device=None, overwrite: bool = False,
-                          quiet: bool = True, notify: Notify = log.info) -> dict:
+                          limit: Optional[int] = None, seed: int = 0, batch_size: int = 32, device=None,
+                          overwrite: bool = False, quiet: bool = True, notify: Notify = log.info) -> dict:
     """Positive and negative perturbation (Chefer et al. 2021): remove the most (positive) or least (negative)
     relevant patches for the predicted class, 10% .. 90% in steps of 10%, and measure zero-shot accuracy at each step
     (against the class sub-folder when the images have one, else against the unperturbed prediction). A removed
@@ -405,6 +461,8 @@ def evaluate_perturbation(images, output=None, model="shapes", pretrained=None, 
 
     Returns and writes perturbation.json (positive_auc, negative_auc, steps), perturbation.csv and
     perturbation.png. The counts so far are saved after every batch (perturbation_progress.json): rerunning resumes.
+    `limit`: a seeded sample (`seed`) of that many images spread over the classes (`sample_across_classes`), not the
+    first files in sorted order.
     """
     import torch
     from tqdm.auto import tqdm
@@ -416,11 +474,11 @@ def evaluate_perturbation(images, output=None, model="shapes", pretrained=None, 
     options = dict(options or {})
     loaded = resolve_model(model, pretrained, device)
     dev = engine.model_device(loaded.model)
-    W, classnames = zero_shot_classifier(loaded, classes, templates, classifier)
-    Wt = torch.from_numpy(W).to(dev)
     items = images if isinstance(images, ImageList) else ImageList.from_path(images)
-    if limit:
-        items = items.subset(0, min(limit, len(items)))
+    W, classnames = zero_shot_classifier(loaded, classes, templates, classifier, default_classes=items.classes)
+    Wt = torch.from_numpy(W).to(dev)
+    if limit and limit < len(items):
+        items = sample_across_classes(items, limit, seed)
     # the label of an image: its class folder's name among the classes; without folders, the clean prediction
     has_labels = all(lab >= 0 for lab in items.labels) and bool(items.classes)
     if has_labels:

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._repr import concise
 from . import ablation, engine
 from .cache import HeadCache
 from .errors import BadInputError, FolderMismatchError, InputNotFoundError, ModelMismatchError, TextspanError, job
@@ -48,6 +49,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@concise
 @dataclass
 class Loaded:
     """A model with what goes with it: (model, preprocess, tokenizer), its name and pretrained tag/file."""
@@ -139,9 +141,13 @@ def bank_and_embeddings(bank, text_embeddings, loaded: Optional[Loaded], fingerp
         return bank_embeddings(loaded.model, loaded.tokenizer, tb, fingerprint=fingerprint), tb
     except ValueError as exc:
         msg = str(exc)
-        if "shapes-world vocabulary" in msg:  # a general bank with a built-in model
-            raise BadInputError(f"text bank {bank!r} has words the built-in model cannot read; use --bank shapes (the "
-                                f"shapes-world bank).\n{msg[:400]}") from exc
+        if "shapes-world vocabulary" in msg:  # a general bank with a built-in model: name every unknown word
+            unknown = getattr(loaded.tokenizer, "unknown_words", lambda texts: {})(tb.texts)
+            words = list(unknown)
+            listed = ", ".join(words[:40]) + (f", ... ({len(words)} in all)" if len(words) > 40 else "")
+            first = f" (the first, {words[0]!r}, in {unknown[words[0]]!r})" if words else ""
+            raise BadInputError(f"text bank {bank!r} has {len(words)} words the built-in model cannot read: "
+                                f"{listed}{first}; use --bank shapes (the shapes-world bank)") from exc
         raise
 
 
@@ -315,6 +321,7 @@ def cache_images(images, output, model="shapes", pretrained=None, *, device=None
                                       dtype=dtype, num_workers=num_workers, split=split))
 
 
+@concise
 @dataclass
 class DecomposeSummary:
     """Per image: name, identity error, embedding norm, top layers and heads (see `decompose_images`)."""
@@ -415,6 +422,7 @@ def encode_bank(bank, output, model="shapes", pretrained=None, *, device=None, b
 # TextSpan labels
 
 
+@concise
 @dataclass
 class HeadLabels:
     """TextSpan labels of a cache's heads: {(layer, head): TextSpanResult} with where they came from.
@@ -564,6 +572,7 @@ def label_cache(cache, output=None, *, bank=None, text_embeddings=None, n_texts:
     return labels
 
 
+@concise
 @dataclass
 class CompletenessResult:
     """Accuracies (%): baseline, analysed heads intact with the rest mean-ablated, and per number of texts."""
@@ -627,6 +636,7 @@ def measure_completeness(cache, output=None, *, bank=None, text_embeddings=None,
     return res
 
 
+@concise
 @dataclass
 class Retrieval:
     """Images ranked by one head's contribution along a text: rows (cache rows), paths, scores."""
@@ -679,6 +689,7 @@ def retrieve_images(cache, head, text: str, output=None, *, top: int = 16, botto
 # ablation and debiasing
 
 
+@concise
 @dataclass
 class AblationResult:
     """Mean-ablation accuracies (%): `results` holds baseline, mlps, cls_to_cls, mlps_and_cls_to_cls,
@@ -688,13 +699,18 @@ class AblationResult:
     results: dict
     single_heads: np.ndarray
 
-    def figure(self):
-        """The signed head-importance figure (accuracy change per head when mean-ablated)."""
-        from .visualize import head_heatmap
+    @property
+    def single_heads_margin(self) -> np.ndarray:
+        """[L, H]: the mean correct-class margin (its logit minus the largest other) with each head mean-ablated."""
+        return np.asarray(self.results["single_heads_margin"])
 
-        return head_heatmap(self.single_heads - self.results["baseline"],
-                            title="accuracy change when the head is mean-ablated (pts; negative: the head matters)",
-                            label="accuracy change (pts)")
+    def figure(self):
+        """The head-importance figure: accuracy change and margin change per head when mean-ablated (one sign
+        convention: red, negative, the head matters)."""
+        from .visualize import head_importance_figure
+
+        return head_importance_figure(self.single_heads - self.results["baseline"],
+                                      self.single_heads_margin - self.results["baseline_margin"])
 
 
 @job
@@ -720,8 +736,10 @@ def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier
                                  ref_cls=ref.cache.cls_to_cls, ref_mlps=ref.cache.mlps, ref_rows=ref.ref_rows,
                                  same_set=True)
         res = ablation.standard_ablations(t, labels)
-        single = ablation.single_head_importance(t, labels)
+        single, margin = ablation.single_head_importance(t, labels, margins=True)
         res["single_heads"] = single.tolist()
+        res["baseline_margin"] = ablation.mean_margin(t.base, labels)
+        res["single_heads_margin"] = margin.tolist()
         res["protocol"] = ref.protocol
         res["n_evaluated"] = int(len(labels))
         if chosen:
@@ -730,20 +748,21 @@ def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier
         if run is not None:
             out = Path(output)
             (out / "ablations.json").write_text(json.dumps(res, indent=1))
-            _write_csv(out / "single_heads.csv", ["head", "layer", "head_index", "accuracy", "drop"],
-                       [[head_name(l, h), l, h, f"{single[l, h]:.3f}", f"{res['baseline'] - single[l, h]:.3f}"]
+            _write_csv(out / "single_heads.csv", ["head", "layer", "head_index", "accuracy", "drop", "margin",
+                                                  "margin_change"],
+                       [[head_name(l, h), l, h, f"{single[l, h]:.3f}", f"{res['baseline'] - single[l, h]:.3f}",
+                         f"{margin[l, h]:.6f}", f"{margin[l, h] - res['baseline_margin']:+.6f}"]
                         for l in range(single.shape[0]) for h in range(single.shape[1])])
             _write_csv(out / "accumulated.csv", ["layers_ablated_up_to", "accuracy"],
                        [[k - 1, f"{a:.3f}"] for k, a in enumerate(res["accumulated"])])
-            from .visualize import head_heatmap, line_plot
+            from .visualize import head_importance_figure, line_plot
 
             line_plot(list(range(-1, len(res["accumulated"]) - 1)), res["accumulated"], out / "accumulated.png",
                       xlabel="attention of layers 0..l mean-ablated (l = -1: none)",
                       ylabel="zero-shot accuracy (%)", hline=res["baseline"], hline_label="baseline (nothing ablated)",
                       label="layers 0..l ablated", title="accumulated layer ablation")
-            head_heatmap(single - res["baseline"], out / "head_importance.png",
-                         title="accuracy change when the head is mean-ablated\n(pts; negative: the head matters)",
-                         label="accuracy change (pts)")
+            head_importance_figure(single - res["baseline"], margin - res["baseline_margin"],
+                                   out / "head_importance.png")
             run.write_run_json(dict(cache=str(c.folder), reference=None if reference is None else str(reference),
                                     same_set=same_set, heads=heads if isinstance(heads, (str, type(None))) else
                                     [head_name(*p) for p in chosen], draws=draws, seed=seed),
@@ -751,6 +770,7 @@ def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier
     return AblationResult(res, single)
 
 
+@concise
 @dataclass
 class DebiasResult:
     """`report` (per-group, average and worst-group accuracy before and after, random and generic baselines,

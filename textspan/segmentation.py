@@ -91,6 +91,15 @@ def folder_images(folder) -> List[Path]:
     return images
 
 
+def folder_classes(folder) -> List[str]:
+    """The class sub-folders of FOLDER/images (sorted), the default class names of a segmentation folder; [] when its
+    images lie directly in FOLDER/images."""
+    root = Path(folder) / "images"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def object_masks(folder: Path) -> Dict[str, np.ndarray]:
     """{class name: mask} from a folder of one mask per object (CLASS.png; the file's stem names the class the prompt
     names). BadInputError naming the folder when it holds no .png mask."""

@@ -23,10 +23,12 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ._repr import concise
 from .errors import BadInputError
 from .names import parse_heads, parse_layers  # noqa: F401  (re-exported: they used to live here)
 
 
+@concise
 @dataclass
 class TextSpanResult:
     """One head's TextSpan labels.

@@ -3,9 +3,10 @@
   "use strict";
   var A = window.ATLAS;
   if (!A) { return; }
-  // perceptual colour maps as a few stops (viridis for sequential measures, a blue-white-red diverging one)
+  // perceptual colour maps as a few stops: viridis for sequential measures; for signed effects matplotlib's RdBu,
+  // the figures' own (negative, "the head matters", red; zero white; positive blue)
   var SEQ = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
-  var DIV = [[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]];
+  var DIV = [[178, 24, 43], [244, 165, 130], [247, 247, 247], [146, 197, 222], [33, 102, 172]];
   function lerp(stops, t) {
     t = Math.max(0, Math.min(1, t));
     var x = t * (stops.length - 1), i = Math.min(Math.floor(x), stops.length - 2), f = x - i;
@@ -27,7 +28,9 @@
       td.style.background = lerp(stops, t);
       td.style.color = ink(stops, t);
       var extra = m.notes && m.notes[td.getAttribute("data-head")] ? " (" + m.notes[td.getAttribute("data-head")] + ")" : "";
-      td.title = td.getAttribute("data-head") + ": " + m.label + " " + v.toFixed(m.digits || 2) + extra;
+      var top = td.getAttribute("data-top");
+      td.title = td.getAttribute("data-head") + (top ? " (" + top + ")" : "") + ": " + m.label + " " +
+        v.toFixed(m.digits || 2) + extra;
     });
     var legend = document.getElementById("legend");
     if (legend) {
@@ -39,26 +42,44 @@
       legend.querySelector(".what").textContent = m.label;
     }
   }
+  // which heads do X: every head with a label containing the query, ranked by the share of the head's variance its
+  // matching texts explain (their TextSpan variance fractions summed), the share shown
   function search(query) {
     var q = query.trim().toLowerCase(), out = document.getElementById("results");
     out.innerHTML = "";
-    document.querySelectorAll("td[data-head]").forEach(function (td) { td.classList.remove("hit"); });
+    document.querySelectorAll("td[data-head]").forEach(function (td) { td.classList.remove("hit"); td.style.outline = ""; });
     if (!q) { document.getElementById("count").textContent = ""; return; }
-    var hits = A.heads.filter(function (h) {
-      return (A.labels[h] || []).some(function (t) { return t.toLowerCase().indexOf(q) >= 0; });
+    var hits = [];
+    A.heads.forEach(function (h) {
+      var texts = A.labels[h] || [], shares = (A.shares || {})[h] || [], share = 0, matched = [];
+      texts.forEach(function (t, i) {
+        if (t.toLowerCase().indexOf(q) >= 0) { share += shares[i] || 0; matched.push(t); }
+      });
+      if (matched.length) { hits.push({head: h, share: share, texts: matched}); }
     });
-    hits.forEach(function (h) {
+    hits.sort(function (a, b) { return b.share - a.share; });
+    var best = hits.length ? hits[0].share || 1 : 1;
+    hits.forEach(function (hit) {
       var li = document.createElement("li"), a = document.createElement("a");
-      a.href = "heads/" + h + ".html"; a.textContent = h;
+      a.href = "heads/" + hit.head + ".html"; a.textContent = hit.head;
       li.appendChild(a);
-      var first = (A.labels[h] || []).filter(function (t) { return t.toLowerCase().indexOf(q) >= 0; })[0];
-      li.appendChild(document.createTextNode(": " + first));
-      li.setAttribute("data-head", h);
+      var share = document.createElement("span");
+      share.className = "share";
+      share.textContent = " " + (100 * hit.share).toFixed(1) + "% of its variance";
+      li.appendChild(share);
+      li.appendChild(document.createTextNode(": " + hit.texts.slice(0, 3).join("; ") +
+        (hit.texts.length > 3 ? " (+" + (hit.texts.length - 3) + ")" : "")));
+      li.setAttribute("data-head", hit.head);
+      li.setAttribute("data-share", hit.share.toFixed(6));
       out.appendChild(li);
-      var td = document.querySelector('td[data-head="' + h + '"]');
-      if (td) { td.classList.add("hit"); }
+      var td = document.querySelector('td[data-head="' + hit.head + '"]');
+      if (td) {
+        td.classList.add("hit");
+        td.style.outline = Math.max(1, Math.round(4 * hit.share / best)) + "px solid #111";
+      }
     });
-    document.getElementById("count").textContent = hits.length + " of " + A.heads.length + " heads";
+    document.getElementById("count").textContent = hits.length + " of " + A.heads.length +
+      " heads have a matching text, ranked by the share of their variance it explains";
   }
   document.addEventListener("DOMContentLoaded", function () {
     var sel = document.getElementById("measure");
