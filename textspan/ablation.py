@@ -193,7 +193,7 @@ def single_head_importance(t: TermLogits, labels: np.ndarray, chunk: int = 256, 
     torch = t._torch
     labels = np.asarray(labels)
     keep = torch.from_numpy(labels >= 0)
-    y = torch.from_numpy(labels.astype(np.int64))
+    y = torch.from_numpy(np.clip(labels, 0, None).astype(np.int64))  # unlabelled rows (-1) are masked by `keep`
     L, H = t.n_layers, t.n_heads
     correct = np.zeros((L, H))
     margin = np.zeros((L, H))
@@ -210,13 +210,32 @@ def single_head_importance(t: TermLogits, labels: np.ndarray, chunk: int = 256, 
         for l in range(L):
             torch.sub(rows[:, l].transpose(0, 1), mu[l][:, None, :], out=xc)  # one pass (sub alone keeps the strides)
             torch.baddbmm(base[a:b].expand(H, -1, -1), xc, neg_w, out=logits)
-            correct[l] += (_hits(logits, y[a:b], later_twins) & keep[a:b]).sum(dim=1).numpy()
             if margins:
-                margin[l] += (_margins(logits, y[a:b]) * keep[a:b]).sum(dim=1).double().numpy()
+                hit, m = _hits_and_margins(logits, y[a:b], later_twins)
+                margin[l] += (m * keep[a:b]).sum(dim=1).double().numpy()
+            else:
+                hit = _hits(logits, y[a:b], later_twins)
+            correct[l] += (hit & keep[a:b]).sum(dim=1).numpy()
     acc = correct / max(1, int(keep.sum())) * 100
     if margins:
         return acc, margin / max(1, int(keep.sum()))
     return acc
+
+
+def _hits_and_margins(logits, y, later_twins):
+    """`_hits`, and [H, b] the label's logit minus the largest other logit, from one top-2 pass (no copy of the
+    logits): the largest other is the second largest when the label holds the maximum, else the maximum."""
+    import torch
+
+    top2 = logits.topk(2, dim=2).values  # [H, b, 2]
+    mine = logits.gather(2, y.clamp(min=0).view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(2)
+    hit = mine >= top2[..., 0]
+    margin = mine - torch.where(hit, top2[..., 1], top2[..., 0])
+    twins = later_twins[y.clamp(min=0)]
+    if bool(twins.any()):
+        rows = twins.nonzero().flatten()
+        hit[:, rows] = logits[:, rows].argmax(dim=2) == y[rows]
+    return hit, margin
 
 
 def _margins(logits, y) -> "torch.Tensor":
