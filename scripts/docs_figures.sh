@@ -27,10 +27,13 @@ textspan retrieve cache --head L3H1 --text "an object on water" -o ret -q
 cp ret/retrieval.png "$DOCS/retrieval_L3H1_water.png"
 textspan atlas cache --labels labels --ablations abl -o atlas -q
 cp abl/head_importance.png "$DOCS/head_importance_shapes.png"
+textspan segment-eval shapes --samples 1 -o seg -q
+cp seg/sample_00.png "$DOCS/segment_sample_shapes.png"
+cp atlas/heads/L3H4_maps.jpg "$DOCS/atlas_L3H4_maps.jpg"
 BROWSER="$(command -v chromium || command -v chromium-browser || true)"
 if [ -n "$BROWSER" ]; then
     "$BROWSER" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,1000 \
-        --screenshot="$DOCS/atlas_shapes.png" "file://$W/atlas/index.html" 2>/dev/null
+        --screenshot="$DOCS/atlas_shapes.png" "file://$W/atlas/index.html#search=water" 2>/dev/null
 else
     echo "no chromium: docs/atlas_shapes.png not regenerated"
 fi

@@ -478,7 +478,9 @@ class HeadLabels:
                 arrays[head_name(l, h) + "_mean"] = np.asarray(r.mean, dtype=np.float32)
         if arrays:
             np.savez(folder / "directions.npz", **arrays)
-        lines = [f"# TextSpan labels: {self.model} ({self.n_images} images), bank {self.bank}", ""]
+        lines = [f"# TextSpan labels: {self.model} ({self.n_images} images), bank {self.bank}", "",
+                 "Texts in the order TextSpan picked them: each explains the most of the variance the texts before it "
+                 "left (greedy), so the percentages (of the head's variance) need not decrease.", ""]
         for rec in records:
             top = rec["texts"]
             share = 100 * top[-1]["cumulative"] if top else 0.0

@@ -268,12 +268,15 @@ def _colourbar(fig, ax, heat, relative, mpl, scale=None, label=None):
     if relative:
         s = float(scale) if scale else (float(np.abs(v).max()) or 1.0)
         sm = mpl.cm.ScalarMappable(mpl.colors.Normalize(-s, s), RELATIVE_CMAP)
-        label = label or "relative to the mean over prompts"
+        label = label or "relative to the\nmean over prompts"
     else:
         lo, hi = (float(v.min()), float(v.max())) if scale is None else _bounds(scale)
         sm = mpl.cm.ScalarMappable(mpl.colors.Normalize(lo, hi if hi > lo else lo + 1), ABSOLUTE_CMAP)
         label = label or "map value"
-    return fig.colorbar(sm, ax=ax, shrink=0.8, label=label)
+    bar = fig.colorbar(sm, ax=ax, shrink=0.8)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    return bar
 
 
 def row_scales(maps, relative: bool, mode: str = "row"):
@@ -392,13 +395,13 @@ def sample_figure(image, heat, mask, title: str, path=None, relative: bool = Fal
     axes[0].set_title("image", fontsize=8)
     shown = overlay(frame, heat, relative, mask=mask)
     axes[1].imshow(shown)
-    axes[1].set_title("map (black: ground-truth outline)", fontsize=8)
+    axes[1].set_title("map; black: ground truth", fontsize=7)
     up = upsample(heat, (shown.size[1], shown.size[0])).numpy()
     cut = float(np.mean(up)) if threshold is None else threshold
     pred = np.repeat((up > cut)[..., None], 3, axis=2).astype(np.float32) * 0.85 + 0.1
     pred[mask_outline(mask, up.shape)] = [1.0, 0.1, 0.1]
     axes[2].imshow(pred)
-    axes[2].set_title("prediction (map > its mean; red: outline)", fontsize=8)
+    axes[2].set_title("map > its mean; red: ground truth", fontsize=7)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -472,10 +475,10 @@ def compare_grid(path, frames, image_names, prompts, methods, shown, times, sign
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), ABSOLUTE_CMAP), ax=axes.ravel().tolist(),
-                 shrink=0.6, label="relevance (min-max per map)")
     if signed:
         fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(-1, 1), RELATIVE_CMAP), ax=axes.ravel().tolist(),
-                     shrink=0.6, label="signed maps: fraction of the image's largest magnitude")
+                     shrink=0.6, fraction=0.02, pad=0.01, label="signed maps: fraction of the image's largest magnitude")
+    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), ABSOLUTE_CMAP), ax=axes.ravel().tolist(),
+                 shrink=0.6, fraction=0.02, pad=0.01, label="relevance (min-max per map)")
     fig.suptitle("every explainer on the same images and prompts", fontsize=9)
     return _save(fig, path, 110)

@@ -85,6 +85,9 @@
     var sel = document.getElementById("measure");
     if (sel) { sel.addEventListener("change", function () { paint(sel.value); }); paint(sel.value); }
     var box = document.getElementById("search");
+    // a link can carry a search: index.html#search=water
+    var hash = decodeURIComponent((window.location.hash || "").replace(/^#/, ""));
+    if (box && hash.indexOf("search=") === 0) { box.value = hash.slice(7); }
     if (box) { box.addEventListener("input", function () { search(box.value); }); search(box.value); }
   });
 })();
