@@ -2,7 +2,8 @@
 
 A cache-like heads.npy [n = 10000, 24 layers, 16 heads, d' = 768] float32 (11.8 GB on disk, memory-mapped) and a
 1000-class classifier (ImageNet-sized): the time of `term_logits` (layer sums, reference means) plus
-`single_head_importance` (the accuracy with each of the 384 heads mean-ablated), and the arithmetic rate reached.
+`single_head_importance` (the accuracy with each of the 384 heads mean-ablated), and the arithmetic rate reached;
+then the same sweep with the correct-class margins (`margins=True`, what `textspan ablate` runs).
 Goal (issue: ablations): under 30 s on 2 CPU cores.
 
     python benchmarks/bench_ablation.py [--n 10000] [--classes 1000] [--dir DIR]
@@ -48,12 +49,16 @@ def main():
         t1 = time.perf_counter()
         acc = single_head_importance(t, labels)
         t2 = time.perf_counter()
+        _, margin = single_head_importance(t, labels, margins=True)  # what `ablate` runs: accuracy and margins
+        t3 = time.perf_counter()
         del heads, t
     flops = 2 * n * L * H * d * C
     print(f"cache [n={n}, L={L}, H={H}, d'={d}] float32 on disk, {C} classes, torch threads {torch.get_num_threads()}")
     print(f"  term_logits (layer sums, reference means): {t1 - t0:.1f} s")
     print(f"  single_head_importance, all {L * H} heads: {t2 - t1:.1f} s ({flops / (t2 - t1) / 1e9:.0f} GFLOP/s)")
     print(f"  total: {t2 - t0:.1f} s (goal < 30 s); accuracy range over heads {acc.min():.2f}..{acc.max():.2f}%")
+    print(f"  with the correct-class margins too (what `textspan ablate` computes): sweep {t3 - t2:.1f} s, "
+          f"{(t3 - t2) / (t2 - t1):.2f}x the accuracy-only sweep; total {t1 - t0 + t3 - t2:.1f} s")
 
 
 if __name__ == "__main__":

@@ -267,7 +267,13 @@ def test_refusals_name_the_reason():
 
 # ---- explainers on attention-pooled towers -------------------------------------------------------------------------
 
-POOLED = ("decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer", "m2ib")
+POOLED = tuple(textspan.list_methods("attn"))  # as the methods registered themselves
+
+
+def test_the_methods_defined_on_attention_pooled_towers():
+    """The registry's declaration, checked once against the published pooled variants the methods implement."""
+    assert set(POOLED) == {"decomposition", "legrad", "raw_attention", "gradcam", "rollout", "chefer", "m2ib"}
+    assert textspan.list_methods(open_clip_siglip(seed=0)) == list(POOLED)
 
 
 def test_every_method_runs_or_refuses_with_the_reason_on_transformers_towers():
