@@ -297,11 +297,11 @@ def _truncate_csv(path: Path, rows: int, committed_bytes: Optional[int]) -> None
 def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> Optional[dict]:
     """Return the manifest to resume from (None: fresh start). Refuses a folder made with other settings."""
     out.mkdir(parents=True, exist_ok=True)
-    record = read_json(out / "run.json")
+    record = _readable_json(out / "run.json", overwrite)
     if record and record.get("command") not in (None, "cache") and not overwrite:
         raise FolderMismatchError(f"{out} holds the output of `textspan {record['command']}`, not a cache; write the "
                                   f"cache to another folder (or --overwrite)")
-    old = read_manifest(out)
+    old = _readable_json(out / "manifest.json", overwrite)
     if old is not None and old.get("format") != FORMAT and not overwrite:
         raise CacheMismatchError(f"{out}/manifest.json is not a textspan cache's manifest (format "
                                  f"{old.get('format')!r}); write the cache to another folder (or --overwrite)")
@@ -319,6 +319,17 @@ def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> Optional[dict
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "shards", ignore_errors=True)
     return None
+
+
+def _readable_json(path: Path, overwrite: bool) -> Optional[dict]:
+    """A JSON file of the folder; an unreadable one is an error naming it, unless ``overwrite`` (then it is
+    replaced with the rest)."""
+    try:
+        return read_json(path)
+    except BadInputError:
+        if overwrite:
+            return {}
+        raise
 
 
 def _cache_range(model, preprocess: Callable, images: ImageList, out: Path, settings: dict, *, batch_size: int,

@@ -49,10 +49,10 @@ class ImageList:
     @property
     def digest(self) -> str:
         h = hashlib.sha256()
-        for p, y in zip(self.paths, self.labels):
-            h.update(f"{p}\t{y}\n".encode())
+        for p, y in zip(self.paths, self.labels):  # a Linux file name may hold any bytes: keep them
+            h.update(f"{p}\t{y}\n".encode("utf-8", "surrogateescape"))
         for k in sorted(self.extra):
-            h.update(("\t".join([k] + [str(v) for v in self.extra[k]]) + "\n").encode())
+            h.update(("\t".join([k] + [str(v) for v in self.extra[k]]) + "\n").encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def class_name(self, label: int) -> str:

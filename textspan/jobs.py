@@ -189,11 +189,16 @@ def zero_shot_classifier(loaded: Loaded, classes, templates=None, classifier=Non
             source = "classifier" if not classes else source
         if cache is not None:
             check_classes(names, cache, source, named=bool(classes))
+            if W.shape[1] < 2:
+                raise BadInputError(f"{source}: one class; zero-shot accuracy needs two classes at least")
         return W, names
     if not names:
         raise BadInputError("no class names: give classes (--classes) or a classifier (--classifier)")
     if cache is not None and classes:
         check_classes(names, cache, source)
+    if cache is not None and len(names) < 2:
+        raise BadInputError(f"{len(names)} class ({', '.join(names)}): zero-shot accuracy needs two classes at least "
+                            f"(give --classes, or cache images from two class folders or more)")
     if templates is None:
         tmpl = read_templates(default_templates(loaded.name))
     elif isinstance(templates, (str, Path)):
