@@ -516,3 +516,26 @@ def test_compare_on_an_average_pooled_tower_runs_the_methods_defined_there(tmp_p
     assert textspan.list_methods("attn") == ["decomposition", "legrad", "gradcam", "rollout", "raw_attention",
                                              "chefer", "m2ib"]
     assert textspan.list_methods("cls") == textspan.list_methods()
+
+
+def test_file_names_that_are_not_utf8_and_a_one_class_cache(tmp_path, shapes_cache):
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "ok.png")
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(os.fsdecode(bytes(folder) + b"/bad\xff name.png"))
+    res = run("cache", tmp_path / "imgs", "--device", "cpu", "--quiet", "-o", tmp_path / "c")
+    assert res.exit_code == 0, res.output
+    c = HeadCache(tmp_path / "c")
+    assert len(c) == 2 and all(os.path.exists(p) for p in c.images["path"])
+    res = run("ablate", tmp_path / "c", "--same-set", "-o", tmp_path / "abl")
+    assert res.exit_code == 1 and "two classes" in res.output and no_traceback(res)
+
+
+def test_overwrite_replaces_a_folder_with_an_unreadable_manifest(tmp_path, local):
+    c = _small_cache(tmp_path, local)
+    (c / "manifest.json").write_text("{not json")
+    name, _ = local
+    args = ["cache", tmp_path / "imgs", "--model", name, "--device", "cpu", "--quiet", "-o", c]
+    res = run(*args)
+    assert res.exit_code == 1 and "manifest.json" in res.output and "--overwrite" in res.output
+    assert run(*args, "--overwrite").exit_code == 0 and len(HeadCache(c)) == 6

@@ -180,7 +180,8 @@ def ablate_heads(t: TermLogits, heads: Iterable[Tuple[int, int]], *, layers: Seq
     return logits
 
 
-def single_head_importance(t: TermLogits, labels: np.ndarray, chunk: int = 256, margins: bool = False):
+def single_head_importance(t: TermLogits, labels: np.ndarray, chunk: int = 256, margins: bool = False,
+                           progress: bool = False):
     """[L, H]: accuracy (%) with each head alone mean-ablated (and, with ``margins=True``, also [L, H]: the mean over
     the labelled images of the correct class's margin, its logit minus the largest other logit, with the head
     mean-ablated: a measure that does not saturate when accuracy is 100%). Vectorised over the heads of a layer, in
@@ -203,7 +204,9 @@ def single_head_importance(t: TermLogits, labels: np.ndarray, chunk: int = 256, 
     mu = torch.from_numpy(t.mean_term.astype(np.float32))  # [L, H, d']
     centred = torch.empty(H, chunk, mu.shape[-1])  # buffers made once: fresh ones fault in their pages every time
     scores = torch.empty(H, chunk, t.W.shape[1])
-    for a in range(0, t.n, chunk):
+    from tqdm.auto import tqdm
+
+    for a in tqdm(range(0, t.n, chunk), disable=not progress, desc="single heads", unit="chunk"):
         b = min(a + chunk, t.n)
         rows = _tensor(_rows(t.heads, t._sel(a, b)), copy=False)  # [chunk, L, H, d'], one sequential read
         xc, logits = centred[:, :b - a], scores[:, :b - a]  # [H, chunk, d'] heads first; [H, chunk, C]

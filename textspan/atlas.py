@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ._repr import concise
 from .errors import BadInputError, ModelMismatchError, job
@@ -56,7 +57,7 @@ class AtlasResult:
 @job
 def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map_images: int = 4, model=None,
                 pretrained=None, device=None, maps: bool = True, overwrite: bool = False,
-                notify: Notify = log.info) -> AtlasResult:
+                notify: Notify = log.info, quiet: bool = True) -> AtlasResult:
     """Write the head atlas of a cache and its TextSpan labels into `output` (see the module doc).
 
     Args:
@@ -99,12 +100,12 @@ def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map
         images = c.images
         rows = sorted({int(r) for per in top.values() for rs, _ in per for r in rs})
         n_thumbs = _thumbnails(images, rows, out / "thumbs", notify)
-        map_files = _maps(c, lab, heads, out / "heads", map_images, model, pretrained, device, notify) \
+        map_files = _maps(c, lab, heads, out / "heads", map_images, model, pretrained, device, notify, quiet) \
             if maps and map_images > 0 else {}
         measures = _measures(c, lab, heads, norms, abl, notify)
         _write_data_js(out / "data.js", L, H, heads, lab, measures)
         _write_index(out / "index.html", c, lab, heads, measures, layer_contrib, L, H)
-        for key in heads:
+        for key in tqdm(heads, disable=quiet, desc="head pages", unit="head"):
             _write_head_page(out / "heads" / f"{head_name(*key)}.html", key, c, lab, top[key], images, abl,
                              map_files.get(key), measures)
         run.write_run_json(dict(cache=str(c.folder), labels=str(getattr(labels, "folder", labels)),
@@ -300,7 +301,8 @@ def _thumbnails(images, rows, folder: Path, notify, size: int = 64) -> int:
     return len(rows)
 
 
-def _maps(c, lab, heads, folder: Path, k: int, model, pretrained, device, notify) -> Dict[Tuple[int, int], str]:
+def _maps(c, lab, heads, folder: Path, k: int, model, pretrained, device, notify,
+          quiet: bool = True) -> Dict[Tuple[int, int], str]:
     """Per head a JPEG of its top-3 texts' maps (relative to their mean) on the cache's first `k` images, from one
     spatial decomposition; nothing when the model cannot be loaded (said)."""
     import torch
@@ -332,7 +334,7 @@ def _maps(c, lab, heads, folder: Path, k: int, model, pretrained, device, notify
     row = {t: i for i, t in enumerate(flat)}
     shown = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
     out = {}
-    for (l, h), ts in texts:
+    for (l, h), ts in tqdm(texts, disable=quiet, desc="head maps", unit="head"):
         T = torch.from_numpy(emb[[row[t] for t in ts]]).to(d.heads.dtype)
         m = (d.heads[:, l, 1:, h, :] @ T.t()).transpose(1, 2).reshape(len(pil), len(ts), *grid)  # [k, t, gh, gw]
         if len(ts) > 1:

@@ -239,7 +239,7 @@ def ablate(cache_dir, classifier, classes, templates, reference, same_set, seed,
 
     r = ablate_cache(cache_dir, output, classes=classes, templates=templates, classifier=classifier,
                      reference=reference, same_set=same_set, heads=heads, draws=draws, seed=seed, model=model_name,
-                     pretrained=pretrained, device=device, overwrite=overwrite).results
+                     pretrained=pretrained, device=device, overwrite=overwrite, quiet=quiet).results
     click.echo(f"baseline {r['baseline']:.2f}%  mlps {r['mlps']:.2f}%  " + (
         f"cls_to_cls {r['cls_to_cls']:.2f}%  both {r['mlps_and_cls_to_cls']:.2f}%  " if "cls_to_cls" in r else "")
         + f"({r['protocol']})")
@@ -394,7 +394,8 @@ def atlas(cache_dir, labels, ablations, n_images, map_images, model_name, pretra
     from .atlas import build_atlas
 
     r = build_atlas(cache_dir, labels, output, ablations=ablations, n_images=n_images, map_images=map_images,
-                    model=model_name, pretrained=pretrained, device=device, overwrite=overwrite, notify=notify)
+                    model=model_name, pretrained=pretrained, device=device, overwrite=overwrite, notify=notify,
+                    quiet=quiet)
     click.echo(f"{r.n_heads} head pages, {r.n_thumbnails} thumbnails, {r.n_maps} map figures, "
                f"{r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s -> {output}/index.html")
 

@@ -723,7 +723,7 @@ class AblationResult:
 @job
 def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier=None, reference=None,
                  same_set: bool = False, heads=None, draws: int = 5, seed: int = 0, model=None, pretrained=None,
-                 device=None, overwrite: bool = False) -> AblationResult:
+                 device=None, overwrite: bool = False, quiet: bool = True) -> AblationResult:
     """Mean-ablation experiments on a cache (DESIGN.md section 5): all MLP-type terms, the CLS->CLS terms (all
     layers and per layer), both, the accumulated layer ablation, every single head and, with `heads`, that head set
     against `draws` random sets of the same size. Writes ablations.json, single_heads.csv, accumulated.csv,
@@ -743,7 +743,7 @@ def ablate_cache(cache, output=None, *, classes=None, templates=None, classifier
                                  ref_cls=ref.cache.cls_to_cls, ref_mlps=ref.cache.mlps, ref_rows=ref.ref_rows,
                                  same_set=True)
         res = ablation.standard_ablations(t, labels)
-        single, margin = ablation.single_head_importance(t, labels, margins=True)
+        single, margin = ablation.single_head_importance(t, labels, margins=True, progress=not quiet)
         res["single_heads"] = single.tolist()
         res["baseline_margin"] = ablation.mean_margin(t.base, labels)
         res["single_heads_margin"] = margin.tolist()
