@@ -61,3 +61,29 @@ def word_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
+
+
+def tiny_eva(seed=0, inner=True, fused=False, layer_scale=False, dtype=torch.float64):
+    """A tiny EVA02-style CLIP: open_clip's EVA02-B-16 model with its timm `Eva` trunk replaced by a 3-block,
+    64-wide one at 32 px (8 px patches): rotary embeddings, SwiGLU MLPs with their inner norm, the LayerNorm over the
+    heads before the output projection (`inner`), separate or fused (`fused`, with q/v biases) q/k/v, optional layer
+    scale; the trunk's head is the projection with a bias, as in EVA02 CLIP. Every parameter randomised."""
+    import open_clip
+    from timm.models.eva import Eva
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model("EVA02-B-16")
+    model.visual.trunk = Eva(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, qkv_fused=fused,
+                             qkv_bias=True, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=inner,
+                             use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=512, global_pool="token",
+                             mlp_ratio=2.0, init_values=0.5 if layer_scale else None)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()

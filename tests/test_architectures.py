@@ -43,10 +43,13 @@ def test_open_clip_vit_configs(name):
     torch.testing.assert_close(d.total(), e / e.norm(dim=-1, keepdim=True), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,reason", [("EVA02-B-16", "EVA")])
+@pytest.mark.parametrize("name,reason", [("RN50", "ResNets have no attention heads")])
 def test_other_kinds_are_refused(name, reason):
-    with pytest.raises(UnsupportedModelError, match=reason):
+    """A tower no reader reads is refused with the reason and the list of families textspan reads."""
+    with pytest.raises(UnsupportedModelError, match=reason) as info:
         model_info(open_clip.create_model(name))
+    for family in ("open_clip ViT", "EVA", "transformers CLIP / SigLIP", "SigLIP"):
+        assert family in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["ViT-H-14-CLIPA", "ViT-L-14-CLIPA"])

@@ -14,6 +14,8 @@ VARIANTS = {
     "no_ln_pre": dict(no_ln_pre=True),
     "final_ln_after_pool": dict(final_ln_after_pool=True),
     "grid8_3layers": dict(image_size=32, patch_size=4, layers=3, width=48, head_width=8),
+    # a LayerNorm between the heads and out_proj (open_clip's scale_attn_inner), linearised at CLS as EVA's
+    "inner_norm": dict(scale_attn_inner=True, scale_heads=True, qk_norm=True),
 }
 
 
@@ -210,7 +212,6 @@ def test_wrong_image_size_is_a_clear_error(tiny_model):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(attentional_pool=True, attn_pooler_heads=2, attn_pooler_queries=4), "attentional pooling"),
     (dict(pool_type="avg"), "pool_type"),
-    (dict(scale_attn_inner=True), "scale_attn_inner"),
 ])
 def test_unsupported_architectures_are_refused(kwargs, match):
     model = tiny_clip(seed=0, **kwargs)

@@ -137,6 +137,8 @@ def _linearised_ln_post(tower: Tower, x_final, gamma, beta, proj, eps):
     e = tower.pool(r)
     norm = e.norm(dim=-1)
     offset = (beta - gamma * (mu / sigma)[:, None]) @ proj
+    if tower.projection_bias is not None:  # a bias after the projection (EVA): spread like ln_post's beta
+        offset = offset + tower.projection_bias.to(offset.dtype)
     return mu, sigma, e, norm, 1.0 / (sigma * norm), offset
 
 
@@ -152,16 +154,38 @@ def forward_image(model, images: torch.Tensor) -> torch.Tensor:
 
 def _layer_fold(block: Block, gamma, proj, like):
     """W_O (per head), layer scale, ln_post's gamma and the projection folded: ([head, d_head, d_embed], bias
-    [d_embed] of out_proj pushed through the same map)."""
+    [d_embed] of out_proj pushed through the same map).
+
+    With an inner norm over the concatenated heads (EVA), linearised at the pooled query with its own mean and std
+    s (frozen, as ln_post is): head h's output u (in its slice of the D features) reaches out_proj as
+    g * (u - mean over the D features of u) / s, linear in u, so each head's term is exact: the fold is
+    W_out[:, h] diag(g_h) - (1/D) (W_out g) 1^T, to be multiplied by the image's 1/s (`ClsState.inner_scale`), and
+    the inner norm's bias joins out_proj's (W_out beta + b_out)."""
     n_heads, d_model = block.n_heads, block.d_model
     g = block.scale_attn_gamma
     ls1 = g.to(like.dtype) if g is not None else torch.ones(d_model, dtype=like.dtype, device=like.device)
-    w_out_t = block.w_out.t().reshape(n_heads, d_model // n_heads, d_model)
+    w_out = block.w_out.to(like.dtype)
+    b_out = block.b_out.to(like.dtype) if block.b_out is not None else None
+    if block.inner_norm_affine is not None:
+        w_in, b_in, _ = block.inner_norm_affine
+        g_in = w_in.to(like.dtype) if w_in is not None else torch.ones(d_model, dtype=like.dtype, device=like.device)
+        centre = (w_out @ g_in) / d_model  # [D]: what one unit of any head feature removes through the mean
+        w_out = w_out * g_in - centre[:, None]
+        if b_in is not None:
+            b_out = block.w_out.to(like.dtype) @ b_in.to(like.dtype) + (b_out if b_out is not None else 0)
+    w_out_t = w_out.t().reshape(n_heads, d_model // n_heads, d_model)
     fold = (w_out_t * (ls1 * gamma)) @ proj
     if block.head_gain is not None:
         fold = fold * block.head_gain.reshape(n_heads, 1, 1)
-    bias = ((block.b_out * ls1 * gamma) @ proj) if block.b_out is not None else torch.zeros_like(proj[0])
+    bias = ((b_out * ls1 * gamma) @ proj) if b_out is not None else torch.zeros_like(proj[0])
     return fold, bias
+
+
+def _inner(st, t: torch.Tensor) -> torch.Tensor:
+    """Per-head outputs [b, ...] times the image's 1/s of the block's inner norm (EVA), else as they are."""
+    if st.inner_scale is None:
+        return t
+    return t * st.inner_scale.reshape(-1, *([1] * (t.ndim - 1)))
 
 
 @concise
@@ -249,11 +273,12 @@ def _project(tower: Tower, images, directions, heads_mask, any_size=False) -> Pr
             on = sel[l].nonzero().flatten().tolist()
             off = (~sel[l]).nonzero().flatten().tolist()
             if on:
-                weighted = st.attn_cls[:, on].unsqueeze(-1) * st.values[:, on]  # [b, h, N, d_head]
+                weighted = _inner(st, st.attn_cls[:, on].unsqueeze(-1) * st.values[:, on])  # [b, h, N, d_head]
                 tokens += torch.einsum("bhnd,hdk->bnk", weighted, fold_t[on])
                 token_bias += bias_t * (len(on) / (N * H))
             if off:
-                other += torch.einsum("bhd,hdk->bk", st.o_cls[:, off], fold_t[off]) + bias_t * (len(off) / H)
+                other += torch.einsum("bhd,hdk->bk", _inner(st, st.o_cls[:, off]), fold_t[off]) \
+                    + bias_t * (len(off) / H)
             mlps_raw += st.mlp_cls
         else:
             x_final = item[1]
@@ -319,11 +344,12 @@ def _decompose(tower: Tower, images: torch.Tensor, spatial: bool) -> Decompositi
             l, st = item[1], item[2]
             fold, bias = _layer_fold(blocks[l], gamma, proj, like)
             # Non-spatial: sum over tokens of A[0,m] v[m] is the attention output at CLS.
-            heads_ns[:, l] = torch.einsum("bhd,hde->bhe", st.o_cls, fold) + bias / n_heads
-            cls_cls[:, l] = torch.einsum("bhd,hde->bhe", st.attn_cls[:, :, 0, None] * st.values[:, :, 0], fold)
+            heads_ns[:, l] = torch.einsum("bhd,hde->bhe", _inner(st, st.o_cls), fold) + bias / n_heads
+            cls_cls[:, l] = torch.einsum("bhd,hde->bhe",
+                                         _inner(st, st.attn_cls[:, :, 0, None] * st.values[:, :, 0]), fold)
             cls_cls[:, l] += bias / (n_tokens * n_heads)
             if spatial:
-                weighted = st.attn_cls.unsqueeze(-1) * st.values  # [batch, head, token, d_head]
+                weighted = _inner(st, st.attn_cls.unsqueeze(-1) * st.values)  # [batch, head, token, d_head]
                 torch.matmul(weighted, fold, out=buf)  # [batch, head, token, d_embed], one buffer for all layers
                 heads_out[:, l].copy_(buf.transpose(1, 2))
                 layer_bias[l] = bias / (n_tokens * n_heads)  # added with the final scaling, in the same pass

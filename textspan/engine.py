@@ -1,11 +1,12 @@
-"""The model reader and textspan's forward: the one module that knows a model library's attribute names.
+"""textspan's compute types and forward: `Tower`, `Block`, the attention pool, and `read_tower`.
 
-`read_tower(model)` translates a stock open_clip image tower into a `Tower`: the patch embedding, class token and
-positions, the pre-norm, one `Block` per residual block (norms, attention projections, heads, qk-norm, head scale,
-layer scale, MLP) and the pooling (final norm and projection). Everything that computes with a model (the
-decomposition, every explainer, the text side of zero-shot classifiers, training of the built-in model) goes
-through this module; no other file names an open_clip attribute (a test greps for them). A new model family is a new
-reader here.
+`read_tower(model)` asks the readers (`textspan.readers`: one module per model library or family) to translate a
+stock image tower into a `Tower`: the patch embedding, class token and positions, the pre-norm, one `Block` per
+residual block (norms, attention projections, heads, qk-norm, rotary embeddings, head scale, an inner norm, layer
+scale, MLP) and the pooling (final norm, projection). Everything that computes with a model (the decomposition,
+every explainer, the text side of zero-shot classifiers, training of the built-in model) goes through these types;
+only the readers name a model library's attributes (a test greps the rest). A new model family is a new reader
+module.
 
 The forward is written once: `Block.forward` runs one residual block from its weights, keeping as much of the
 attention as the caller asks for (nothing, the CLS query row, or the full map, optionally with a tensor added to the
@@ -22,26 +23,8 @@ import torch.nn.functional as F
 
 from .errors import BadInputError, UnsupportedModelError
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # what a model is made of
-
-
-def image_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The image tower of a CLIP model (or the tower itself when given one): open_clip's ``visual``, transformers'
-    ``vision_model``."""
-    if isinstance(model, Tower):
-        return model.module
-    sub = getattr(model, "visual", None)
-    if isinstance(sub, torch.nn.Module):
-        return sub
-    while isinstance(getattr(model, "vision_model", None), torch.nn.Module):  # transformers nests its wrappers
-        model = model.vision_model
-    return model
-
-
-def _is_transformers(module) -> bool:
-    return type(module).__module__.startswith("transformers.")
 
 
 @dataclass(eq=False)
@@ -69,6 +52,7 @@ class ClsState:
     attn_cls: torch.Tensor  # [batch, head, token], the CLS row of the attention map
     values: Optional[torch.Tensor]  # [batch, head, token, d_head] when kept
     mlp_cls: torch.Tensor  # [batch, d_model], the MLP output (after layer scale) at CLS
+    inner_scale: Optional[torch.Tensor] = None  # [batch]: 1 / std of the heads' output at CLS (EVA's inner norm)
 
 
 def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -89,6 +73,9 @@ class Block:
         layer scale).
         fc_in, act, fc_out: the MLP's parts when it is Linear -> elementwise activation -> Linear (else None);
         norm_mlp_affine: (weight, bias, eps) of norm_mlp when it is a LayerNorm (else None).
+        inner_norm, inner_norm_affine: a LayerNorm over the concatenated heads before the output projection (EVA;
+        None elsewhere): attn(x) = W_out inner_norm(heads) + b_out.
+        rope: rotary position embeddings applied to q and k after the qk-norm (EVA; None elsewhere).
     """
 
     n_heads: int
@@ -112,6 +99,10 @@ class Block:
     act: Optional[Callable]
     fc_out: Optional[torch.nn.Linear]
     norm_mlp_affine: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]]
+    # EVA: a LayerNorm over the concatenated heads before the output projection, and rotary position embeddings
+    inner_norm: Optional[Callable] = None
+    inner_norm_affine: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]] = None
+    rope: Optional[Callable] = None  # per-head q or k [b, head, N, d_head] -> rotated (the patch tokens)
 
     @property
     def d_model(self) -> int:
@@ -129,9 +120,12 @@ class Block:
         return tuple(split_heads(t, self.n_heads) for t in (q, k, v))
 
     def _normed(self, q: torch.Tensor, k: torch.Tensor):
-        """q and k after the per-head qk-norm, when the block has one."""
+        """q and k after the per-head qk-norm, when the block has one, and the rotary embeddings, when it has
+        them (in that order, as EVA computes them)."""
         if self.q_norm is not None:
-            return self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
         return q, k
 
     def _unit(self, q: torch.Tensor, k: torch.Tensor):
@@ -165,7 +159,9 @@ class Block:
         return out.transpose(1, 2).reshape(b, n, h * d)
 
     def after_heads(self, x_in: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
-        """The residual stream after the attention: x_in + scale_attn(heads_out W_out^T + b_out)."""
+        """The residual stream after the attention: x_in + scale_attn(inner_norm(heads_out) W_out^T + b_out)."""
+        if self.inner_norm is not None:
+            heads_out = self.inner_norm(heads_out)
         return x_in + self.scale_attn(F.linear(heads_out, self.w_out, self.b_out))
 
     def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
@@ -212,11 +208,16 @@ class Block:
                 out = probs @ v
                 attn_cls = probs[:, :, 0]
             o_cls = out[:, :, 0]
-        y = self.after_heads(x, self.merge_heads(out))
+        merged = self.merge_heads(out)
+        y = self.after_heads(x, merged)
         mlp_out = self.mlp_out(y)
         mlp_cls = mlp_out[:, 1:].mean(dim=1) if query == "avg" else mlp_out[:, 0]
+        inner_scale = None
+        if self.inner_norm is not None:  # the inner norm's frozen statistics at the pooled query (CLS)
+            eps = self.inner_norm_affine[2]
+            inner_scale = 1.0 / torch.sqrt(merged[:, 0].var(dim=-1, unbiased=False) + eps)
         return y + mlp_out, ClsState(o_cls=o_cls, attn_cls=attn_cls, values=v if keep_values else None,
-                                     mlp_cls=mlp_cls)
+                                     mlp_cls=mlp_cls, inner_scale=inner_scale)
 
     def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block with fused attention, keeping what every token receives: (x_out, heads_out [b, N, d_model]
@@ -315,6 +316,7 @@ class Tower:
     family: str = "open_clip"
     query: str = "cls"  # the token the embedding reads: "cls", or "avg" (the mean of the patch tokens, e.g. CLIPA)
     score_scale: Optional[float] = None  # exp(logit_scale) of the whole model, when read from one (None: a tower)
+    projection_bias: Optional[torch.Tensor] = None  # [d_embed]: a bias after the projection (EVA's timm head)
 
     def pooled_token(self, x: torch.Tensor) -> torch.Tensor:
         """[b, d_model]: what the final norm reads from a token stream [b, N, d_model] (CLS-read towers)."""
@@ -348,7 +350,10 @@ class Tower:
     @property
     def d_mlp(self) -> int:
         b = self.blocks[0]
-        return b.fc_in.out_features if b.fc_in is not None else 0
+        if b.fc_in is not None:
+            return b.fc_in.out_features
+        out = getattr(b.mlp, "fc2", None)  # a gated MLP (EVA's SwiGLU): the width its output projection reads
+        return int(out.in_features) if isinstance(out, torch.nn.Linear) else 0
 
     @property
     def layer_scale(self) -> bool:
@@ -403,7 +408,8 @@ class Tower:
     def pool(self, x_cls: torch.Tensor) -> torch.Tensor:
         """[b, d_embed]: the unnormalised embedding from the final residual stream at CLS (final norm, projection)."""
         e = self.norm_final(x_cls)
-        return e @ self.projection if self.projection is not None else e
+        e = e @ self.projection if self.projection is not None else e
+        return e + self.projection_bias if self.projection_bias is not None else e
 
     def pool_stream(self, x: torch.Tensor) -> torch.Tensor:
         """[b, d_embed]: the unnormalised embedding from the whole final residual stream [b, N, d_model]."""
@@ -454,394 +460,37 @@ class Tower:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the open_clip reader
+# reading a model: the readers (`textspan.readers`) do it
+
+
+def read_tower(model: torch.nn.Module) -> Tower:
+    """The `Tower` of a stock CLIP/SigLIP/EVA model (or of its image tower): see `textspan.readers`; refuses, with
+    the reason, what no reader can reproduce exactly."""
+    if isinstance(model, Tower):
+        return model
+    from .readers import read
+
+    return read(model)
 
 
 def check_decomposable(model: torch.nn.Module) -> None:
     """Raise `UnsupportedModelError` unless textspan's forward reproduces this image tower exactly."""
     if isinstance(model, Tower):
         return
-    visual = image_tower(model)
-    if _is_transformers(visual):
-        _check_hf(visual)
-        return
-    if _timm_trunk(visual) is not None:
-        _check_timm(visual)
-        return
-    from open_clip.transformer import (
-        Attention,
-        CustomResidualAttentionBlock,
-        ResidualAttentionBlock,
-        VisionTransformer,
-    )
+    from .readers import check
 
-    visual = image_tower(model)
-    if not isinstance(visual, VisionTransformer):
-        raise UnsupportedModelError(
-            f"textspan decomposes ViT image towers (open_clip VisionTransformer, open_clip timm ViT trunks, "
-            f"transformers CLIP/SigLIP); this model's is {type(visual).__name__}{_refusal_reason(visual)}")
-    if getattr(visual, "attn_pool", None) is not None:
-        raise UnsupportedModelError(
-            "CoCa's attentional pooling (attn_pool: 256 latent queries through cross-attention, then a contrastive "
-            "token) is not supported: its contrastive embedding is one of 256 pooled latents, each attending over "
-            "all tokens after a LayerNorm (ln_post before the pooler); textspan's attention-pooling reader covers "
-            "one probe (SigLIP) only")
-    pool_type = getattr(visual, "pool_type", "tok")
-    if pool_type == "avg" and not getattr(visual, "final_ln_after_pool", False):
-        raise UnsupportedModelError(
-            "pool_type='avg' with ln_post before the pool (final_ln_after_pool=False) is not supported: ln_post would "
-            "need linearising per token; average-pooled towers with ln_post after the pool (CLIPA) are")
-    if pool_type == "avg" and getattr(visual, "class_embedding", None) is None:
-        raise UnsupportedModelError("an average-pooled tower without a class token is not supported")
-    if pool_type not in ("tok", "avg"):
-        raise UnsupportedModelError(
-            f"pool_type={pool_type!r} is not supported: the decomposition reads the CLS token ('tok') or the mean of "
-            f"the patch tokens ('avg')")
-    for i, block in enumerate(visual.transformer.resblocks):
-        if isinstance(block, ResidualAttentionBlock):
-            if hasattr(block, "ln_1_kv"):
-                raise UnsupportedModelError(f"block {i} is a cross-attention block")
-            if block.attn.in_proj_weight is None:
-                raise UnsupportedModelError(f"block {i}: separate q/k/v projections are not supported")
-        elif isinstance(block, CustomResidualAttentionBlock):
-            attn = block.attn
-            if not isinstance(attn, Attention):
-                raise UnsupportedModelError(f"block {i}: unknown attention module {type(attn).__name__}")
-            if not isinstance(attn.ln_inner, torch.nn.Identity):
-                raise UnsupportedModelError(
-                    f"block {i}: a LayerNorm between the heads and out_proj (scale_attn_inner) mixes the heads, so "
-                    f"per-head terms are not exact")
-            if not isinstance(block.ln_attn, torch.nn.Identity):
-                raise UnsupportedModelError(f"block {i}: a LayerNorm after attention (scale_attn) is not supported")
-        else:
-            raise UnsupportedModelError(f"block {i}: unknown block type {type(block).__name__}")
+    check(model)
 
 
-def _gamma(ls) -> Optional[torch.Tensor]:
-    return getattr(ls, "gamma", None)
+# the rest of a CLIP model (its own encoders, logit scale, device) is read in `textspan.readers.common`; these names
+# stay importable from here
+_FROM_READERS = ("image_tower", "library_image_embedding", "library_text_embedding", "learned_logit_scale",
+                 "logit_scale_and_bias", "model_device", "set_start_values")
 
 
-def _affine(ln) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
-    return getattr(ln, "weight", None), getattr(ln, "bias", None), getattr(ln, "eps", 1e-5)
+def __getattr__(name: str):
+    if name in _FROM_READERS:
+        from .readers import common
 
-
-def _read_block(block) -> Block:
-    attn = block.attn
-    custom = not isinstance(attn, torch.nn.MultiheadAttention)
-    mlp = block.mlp
-    parts = dict(mlp.named_children())
-    simple_mlp = list(parts) == ["c_fc", "gelu", "c_proj"] or (
-        list(parts) == ["c_fc", "gelu", "ln", "c_proj"] and isinstance(parts["ln"], torch.nn.Identity))
-    return Block(
-        n_heads=attn.num_heads,
-        norm_attn=block.ln_1,
-        w_in=attn.in_proj_weight,
-        b_in=attn.in_proj_bias,
-        w_out=attn.out_proj.weight,
-        b_out=attn.out_proj.bias,
-        q_norm=attn.ln_q if custom else None,
-        k_norm=attn.ln_k if custom else None,
-        cosine_scale=attn.logit_scale if custom else None,
-        cosine_scale_max=getattr(attn, "logit_scale_max", None),
-        head_gain=attn.head_scale if custom else None,
-        scale_attn=block.ls_1,
-        scale_attn_gamma=_gamma(block.ls_1),
-        norm_mlp=block.ln_2,
-        mlp=mlp,
-        scale_mlp=block.ls_2,
-        scale_mlp_gamma=_gamma(block.ls_2),
-        fc_in=mlp.c_fc if simple_mlp else None,
-        act=mlp.gelu if simple_mlp else None,
-        fc_out=mlp.c_proj if simple_mlp else None,
-        norm_mlp_affine=_affine(block.ln_2) if isinstance(block.ln_2, torch.nn.LayerNorm) else None,
-    )
-
-
-def read_tower(model: torch.nn.Module) -> Tower:
-    """The `Tower` of a stock CLIP/SigLIP model (or of its image tower): open_clip ViTs, open_clip timm ViT trunks
-    (SigLIP, SigLIP 2), transformers CLIP and SigLIP; refuses what it cannot reproduce."""
-    if isinstance(model, Tower):
-        return model
-    tower = _read_tower(model)
-    scale = getattr(model, "logit_scale", None)
-    if torch.is_tensor(scale):
-        tower.score_scale = float(scale.detach().exp())
-    return tower
-
-
-def _read_tower(model: torch.nn.Module) -> Tower:
-    check_decomposable(model)
-    visual = image_tower(model)
-    if _is_transformers(visual):
-        return _read_hf(model, visual)
-    if _timm_trunk(visual) is not None:
-        return _read_timm(visual)
-    blocks = [_read_block(b) for b in visual.transformer.resblocks]
-    b0 = visual.transformer.resblocks[0]
-    return Tower(
-        module=visual,
-        patch_embed=visual.conv1,
-        weight=visual.conv1.weight,
-        cls_token=visual.class_embedding,
-        pos_embed=visual.positional_embedding,
-        image_size=tuple(visual.image_size),
-        patch_size=tuple(visual.patch_size),
-        grid_size=tuple(visual.grid_size),
-        norm_pre=visual.ln_pre,
-        blocks=blocks,
-        norm_final=visual.ln_post,
-        norm_final_affine=_affine(visual.ln_post),
-        projection=visual.proj,
-        dropout_prob=float(getattr(visual.patch_dropout, "prob", 0.0)) if visual.training else 0.0,
-        activation=type(b0.mlp.gelu).__name__ if hasattr(b0.mlp, "gelu") else "?",
-        query="avg" if getattr(visual, "pool_type", "tok") == "avg" else "cls",
-        family="open_clip (average pool)" if getattr(visual, "pool_type", "tok") == "avg" else "open_clip",
-    )
-
-
-def _refusal_reason(visual) -> str:
-    name = type(visual).__name__
-    if "EVA" in name or "Eva" in name:
-        return (" (EVA towers: rotary position embeddings make attention depend on token positions inside q.k, which "
-                "the decomposition handles, but their SwiGLU MLPs and sub-LayerNorms are read by no reader yet)")
-    if "ResNet" in name:
-        return " (ResNets have no heads to decompose)"
-    return ""
-
-
-def _identity(x):
-    return x
-
-
-def _callable(module) -> Callable:
-    return _identity if module is None or isinstance(module, torch.nn.Identity) else module
-
-
-# ---- open_clip's timm trunks (SigLIP, SigLIP 2) ------------------------------------------------------------------
-
-
-def _timm_trunk(visual):
-    trunk = getattr(visual, "trunk", None)
-    if trunk is None:
-        return None
-    return trunk if type(trunk).__module__.startswith("timm.") else None
-
-
-def _check_timm(visual) -> None:
-    trunk = _timm_trunk(visual)
-    from timm.layers import AttentionPoolLatent
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
-    if not isinstance(trunk, VisionTransformer):
-        raise UnsupportedModelError(f"timm trunk {type(trunk).__name__} is not a timm VisionTransformer"
-                                    f"{_refusal_reason(trunk)}")
-    if getattr(trunk, "reg_token", None) is not None:
-        raise UnsupportedModelError("timm trunks with register tokens are not supported")
-    if trunk.attn_pool is None:
-        raise UnsupportedModelError(
-            f"timm trunk with global_pool={trunk.global_pool!r}: only attention pooling ('map', SigLIP) and no other "
-            f"pooling is read")
-    pool = trunk.attn_pool
-    if not isinstance(pool, AttentionPoolLatent) or pool.latent_len != 1 or pool.pos_embed is not None \
-            or not isinstance(pool.q_norm, torch.nn.Identity) or pool.pool != "token":
-        raise UnsupportedModelError("the attention pool must be timm's AttentionPoolLatent with one latent, no "
-                                    "position embedding and no qk-norm")
-    if trunk.cls_token is not None and not trunk.pool_include_prefix:
-        raise UnsupportedModelError("a CLS token that the attention pool does not see is not supported")
-    if trunk.cls_token is not None:
-        raise UnsupportedModelError("timm trunks with both a CLS token and an attention pool are not supported")
-    if not isinstance(trunk.fc_norm, torch.nn.Identity) or not isinstance(trunk.head, torch.nn.Identity):
-        raise UnsupportedModelError("a timm trunk with a classifier head or fc_norm after the pool is not supported")
-    for name, mod in visual.head.named_children():
-        if name not in ("drop", "proj"):
-            raise UnsupportedModelError(f"open_clip timm head part {name!r} is not supported (only a linear proj)")
-    for i, block in enumerate(trunk.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
-            raise UnsupportedModelError(f"block {i}: {type(block).__name__} is not a plain timm ViT block")
-        attn = block.attn
-        if not isinstance(attn.norm, torch.nn.Identity) or getattr(attn, "gate", None) is not None:
-            raise UnsupportedModelError(f"block {i}: a norm or gate between the heads and proj mixes the heads")
-        if not isinstance(block.mlp.norm, torch.nn.Identity) or not hasattr(block.mlp, "fc1"):
-            raise UnsupportedModelError(f"block {i}: only Linear -> activation -> Linear MLPs are supported")
-
-
-def _timm_block(block) -> Block:
-    attn, mlp = block.attn, block.mlp
-    return Block(
-        n_heads=attn.num_heads, norm_attn=block.norm1, w_in=attn.qkv.weight, b_in=attn.qkv.bias,
-        w_out=attn.proj.weight, b_out=attn.proj.bias,
-        q_norm=None if isinstance(attn.q_norm, torch.nn.Identity) else attn.q_norm,
-        k_norm=None if isinstance(attn.k_norm, torch.nn.Identity) else attn.k_norm,
-        cosine_scale=None, cosine_scale_max=None, head_gain=None,
-        scale_attn=_callable(block.ls1), scale_attn_gamma=_gamma(block.ls1),
-        norm_mlp=block.norm2, mlp=mlp, scale_mlp=_callable(block.ls2), scale_mlp_gamma=_gamma(block.ls2),
-        fc_in=mlp.fc1, act=mlp.act, fc_out=mlp.fc2,
-        norm_mlp_affine=_affine(block.norm2) if isinstance(block.norm2, torch.nn.LayerNorm) else None,
-    )
-
-
-def _read_timm(visual) -> Tower:
-    trunk = _timm_trunk(visual)
-    pool = trunk.attn_pool
-    d = trunk.embed_dim
-    w_k, w_v = pool.kv.weight.chunk(2, dim=0)
-    b_k, b_v = pool.kv.bias.chunk(2, dim=0) if pool.kv.bias is not None else (None, None)
-    attn_pool = AttnPool(
-        n_heads=pool.num_heads, probe=pool.latent[0, 0], w_q=pool.q.weight, b_q=pool.q.bias, w_k=w_k, b_k=b_k,
-        w_v=w_v, b_v=b_v, w_out=pool.proj.weight, b_out=pool.proj.bias, norm=pool.norm, mlp=pool.mlp)
-    proj = getattr(visual.head, "proj", None)
-    if proj is not None and proj.bias is not None:
-        raise UnsupportedModelError("a projection with a bias after the attention pool is not supported")
-    pe = trunk.patch_embed
-    if not isinstance(pe.norm, torch.nn.Identity):
-        raise UnsupportedModelError("a norm inside the patch embedding is not supported")
-    blocks = [_timm_block(b) for b in trunk.blocks]
-    grid = tuple(pe.grid_size)
-    return Tower(
-        module=visual, patch_embed=pe.proj, weight=pe.proj.weight, cls_token=None,
-        pos_embed=trunk.pos_embed[0] if trunk.pos_embed is not None else torch.zeros(grid[0] * grid[1], d),
-        image_size=tuple(pe.img_size), patch_size=tuple(pe.patch_size), grid_size=grid,
-        norm_pre=_callable(trunk.norm_pre), blocks=blocks, norm_final=trunk.norm,
-        norm_final_affine=_affine(trunk.norm), projection=proj.weight.t() if proj is not None else None,
-        dropout_prob=float(getattr(trunk.patch_drop, "prob", 0.0)) if trunk.training else 0.0,
-        activation=type(trunk.blocks[0].mlp.act).__name__, pool_head=attn_pool, family="open_clip timm (SigLIP)",
-    )
-
-
-# ---- transformers CLIP and SigLIP ---------------------------------------------------------------------------------
-
-
-def _check_hf(vision) -> None:
-    name = type(vision).__name__
-    if "Siglip2" in name:
-        raise UnsupportedModelError(
-            "transformers' SigLIP 2 (Siglip2Model) takes pre-patchified variable-resolution inputs (pixel_values as "
-            "[batch, patches, 3 * p * p] with spatial_shapes and a patch mask), not images; load SigLIP 2 through "
-            "open_clip instead (e.g. 'ViT-B-16-SigLIP2', its timm trunk), which textspan reads")
-    if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")) \
-            or not ("CLIP" in name or "Siglip" in name):
-        raise UnsupportedModelError(
-            f"transformers image tower {name} is not supported (CLIPModel, CLIPVisionModel(WithProjection), "
-            f"SiglipModel and SiglipVisionModel are)")
-    for i, layer in enumerate(vision.encoder.layers):
-        if not all(hasattr(layer.self_attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
-            raise UnsupportedModelError(f"layer {i}: unknown attention {type(layer.self_attn).__name__}")
-        if not hasattr(layer.mlp, "fc1"):
-            raise UnsupportedModelError(f"layer {i}: unknown MLP {type(layer.mlp).__name__}")
-    if not hasattr(vision, "pre_layrnorm") and getattr(vision, "head", None) is None:
-        raise UnsupportedModelError("a SigLIP tower without its pooling head (vision_use_head=False) has no embedding")
-
-
-def _hf_block(layer) -> Block:
-    attn, mlp = layer.self_attn, layer.mlp
-    w_in = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)
-    b_in = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], dim=0)
-    if abs(attn.scale - attn.head_dim ** -0.5) > 1e-12:
-        raise UnsupportedModelError(f"attention scale {attn.scale} is not 1/sqrt(d_head)")
-    return Block(
-        n_heads=attn.num_heads, norm_attn=layer.layer_norm1, w_in=w_in, b_in=b_in,
-        w_out=attn.out_proj.weight, b_out=attn.out_proj.bias, q_norm=None, k_norm=None,
-        cosine_scale=None, cosine_scale_max=None, head_gain=None,
-        scale_attn=_identity, scale_attn_gamma=None, norm_mlp=layer.layer_norm2, mlp=mlp, scale_mlp=_identity,
-        scale_mlp_gamma=None, fc_in=mlp.fc1, act=mlp.activation_fn, fc_out=mlp.fc2,
-        norm_mlp_affine=_affine(layer.layer_norm2),
-    )
-
-
-def _read_hf(model, vision) -> Tower:
-    emb = vision.embeddings
-    clip = hasattr(vision, "pre_layrnorm")  # CLIP: CLS token, pre-norm; SigLIP: neither, an attention-pooling head
-    size = int(emb.image_size)
-    patch = int(emb.patch_size)
-    grid = (size // patch, size // patch)
-    proj = getattr(model, "visual_projection", None)
-    if proj is not None and proj.bias is not None:
-        raise UnsupportedModelError("a visual projection with a bias is not supported")
-    pos = emb.position_embedding.weight
-    if clip:
-        attn_pool = None
-    else:
-        head = vision.head
-        mha = head.attention
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3, dim=0)
-        b_q, b_k, b_v = mha.in_proj_bias.chunk(3, dim=0) if mha.in_proj_bias is not None else (None,) * 3
-        attn_pool = AttnPool(n_heads=mha.num_heads, probe=head.probe[0, 0], w_q=w_q, b_q=b_q, w_k=w_k, b_k=b_k,
-                             w_v=w_v, b_v=b_v, w_out=mha.out_proj.weight, b_out=mha.out_proj.bias,
-                             norm=head.layernorm, mlp=head.mlp)
-    blocks = [_hf_block(layer) for layer in vision.encoder.layers]
-    return Tower(
-        module=vision, patch_embed=emb.patch_embedding, weight=emb.patch_embedding.weight,
-        cls_token=emb.class_embedding if clip else None, pos_embed=pos, image_size=(size, size),
-        patch_size=(patch, patch), grid_size=grid, norm_pre=vision.pre_layrnorm if clip else _identity,
-        blocks=blocks, norm_final=vision.post_layernorm, norm_final_affine=_affine(vision.post_layernorm),
-        projection=proj.weight.t() if proj is not None else None, dropout_prob=0.0,
-        activation=type(blocks[0].act).__name__, pool_head=attn_pool,
-        family="transformers CLIP" if clip else "transformers SigLIP",
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the rest of a CLIP model: its own encoders and logit scale
-
-
-def _features(out) -> torch.Tensor:
-    """A transformers features call's tensor (v5 returns an output object with the features as pooler_output)."""
-    if torch.is_tensor(out):
-        return out
-    for name in ("image_embeds", "text_embeds", "pooler_output"):
-        t = getattr(out, name, None)
-        if t is not None:
-            return t
-    raise UnsupportedModelError(f"cannot read features from {type(out).__name__}")
-
-
-def library_image_embedding(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[b, d_embed]: the library's own (unnormalised) image embedding."""
-    if hasattr(model, "encode_image"):
-        return model.encode_image(images)
-    if _is_transformers(model):
-        if hasattr(model, "get_image_features"):
-            return _features(model.get_image_features(pixel_values=images))
-        return _features(model(pixel_values=images))
-    return model(images)
-
-
-def library_text_embedding(model: torch.nn.Module, tokens) -> torch.Tensor:
-    """[M, d_embed]: the library's own (unnormalised) text embedding. `tokens`: what the model's tokenizer returns
-    (token ids, or a transformers ``BatchEncoding``)."""
-    if _is_transformers(model):
-        if not hasattr(model, "get_text_features"):
-            raise UnsupportedModelError(f"{type(model).__name__} has no text tower (pass the whole CLIPModel or "
-                                        f"SiglipModel)")
-        kw = dict(tokens) if not torch.is_tensor(tokens) else {"input_ids": tokens}
-        return _features(model.get_text_features(**kw))
-    if not hasattr(model, "encode_text"):
-        raise UnsupportedModelError("this model has no text tower (pass the whole CLIP model, not its image tower)")
-    return model.encode_text(tokens)
-
-
-def learned_logit_scale(model: torch.nn.Module) -> torch.Tensor:
-    """The learnable log logit scale of a CLIP model (a parameter: training clamps it in place)."""
-    return model.logit_scale
-
-
-def logit_scale_and_bias(model: torch.nn.Module) -> Tuple[float, Optional[float]]:
-    """(exp(logit_scale), logit_bias or None): how the model scores an image-text pair from the cosine. A bias means
-    a sigmoid model (SigLIP: p = sigmoid(scale * cos + bias)); None a softmax one (CLIP)."""
-    scale = getattr(model, "logit_scale", None)
-    bias = getattr(model, "logit_bias", None)
-    return (float(scale.detach().exp()) if scale is not None else 1.0), (float(bias.detach()) if bias is not None else None)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def set_start_values(model: torch.nn.Module, positions: Optional[torch.Tensor] = None,
-                     log_logit_scale: Optional[float] = None) -> None:
-    """Set initial values before training (the built-in model's sin-cos positions and logit scale)."""
-    with torch.no_grad():
-        if positions is not None:
-            image_tower(model).positional_embedding.copy_(positions)
-        if log_logit_scale is not None:
-            model.logit_scale.fill_(log_logit_scale)
+        return getattr(common, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -204,7 +204,7 @@ def _muted(img):
     return np.repeat((0.3 + 0.55 * grey)[..., None], 3, axis=2)
 
 
-def mask_outline(mask, size) -> "np.ndarray":
+def mask_outline(mask, size):
     """[H, W] bool: the boundary pixels (2 px) of a mask resized (nearest) to `size` (H, W)."""
     import numpy as np
     from PIL import Image as PILImage

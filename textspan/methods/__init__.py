@@ -20,12 +20,13 @@ from ..errors import BadInputError
 
 _REGISTRY: Dict[str, Callable] = {}
 _TOWERS: Dict[str, Tuple[str, ...]] = {}  # method -> the tower kinds it is defined on
+_INNER_NORM: Dict[str, bool] = {}  # method -> defined where a norm sits between the heads and out_proj (EVA)
 TOWER_KINDS = ("cls", "avg", "attn")  # CLS-pooled, average-pooled (CLIPA), attention-pooled (SigLIP)
 _MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip",
             "clip_surgery", "m2ib", "lrp", "partial_lrp")
 
 
-def register(name: str, towers: Sequence[str] = ("cls",)):
+def register(name: str, towers: Sequence[str] = ("cls",), inner_norm: bool = True):
     """Decorator: register `fn(tower, images, T, **options) -> [b, P, gh, gw]` (tower: a `textspan.engine.Tower`)
     under `name` (`explain` checks the inputs, moves them to the model's device and dtype, and guards the model
     around the call).
@@ -33,7 +34,8 @@ def register(name: str, towers: Sequence[str] = ("cls",)):
     `towers` declares the image towers the method is defined on: ``"cls"`` (the embedding reads the CLS token),
     ``"avg"`` (the mean of the patch tokens, CLIPA) and ``"attn"`` (an attention-pooling head, SigLIP). This is the
     only place that says which methods run where: `list_methods(tower)`, `explain`'s refusal, `compare` and the
-    evaluations all read it."""
+    evaluations all read it. ``inner_norm=False``: the method is written for out_proj acting on the heads' output
+    directly, so it refuses towers with a norm in between (EVA)."""
     unknown = set(towers) - set(TOWER_KINDS)
     if unknown:
         raise ValueError(f"register({name!r}): unknown tower kinds {sorted(unknown)}; known: {TOWER_KINDS}")
@@ -41,6 +43,7 @@ def register(name: str, towers: Sequence[str] = ("cls",)):
     def wrap(fn):
         _REGISTRY[name] = fn
         _TOWERS[name] = tuple(towers)
+        _INNER_NORM[name] = bool(inner_norm)
         return fn
     return wrap
 
@@ -71,7 +74,23 @@ def list_methods(tower=None) -> List[str]:
     kind = tower if isinstance(tower, str) else tower_kind(tower)
     if kind not in TOWER_KINDS:
         raise BadInputError(f"unknown tower kind {kind!r}; known: {', '.join(TOWER_KINDS)}")
-    return [m for m in names if kind in _TOWERS[m]]
+    inner = not isinstance(tower, str) and has_inner_norm(tower)
+    return [m for m in names if kind in _TOWERS[m] and (_INNER_NORM[m] or not inner)]
+
+
+def has_inner_norm(tower) -> bool:
+    """Whether a tower (or model) has a norm between its heads and out_proj (EVA)."""
+    from ..engine import Tower, read_tower
+
+    if not isinstance(tower, Tower):
+        tower = read_tower(tower)
+    return any(b.inner_norm is not None for b in tower.blocks)
+
+
+def method_inner_norm(name: str) -> bool:
+    """Whether method `name` is defined on towers with a norm between the heads and out_proj (EVA)."""
+    get_method(name)
+    return _INNER_NORM[name]
 
 
 def method_towers(name: str) -> Tuple[str, ...]:

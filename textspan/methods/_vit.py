@@ -39,12 +39,17 @@ def untouched(model):
 
 def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> tuple:
     """(tower, images on the model's device/dtype, text embeddings [P, d_embed] likewise), checked."""
-    from . import list_methods, method_towers, tower_kind
+    from . import has_inner_norm, list_methods, method_inner_norm, method_towers, tower_kind
 
     tower = read_tower(model)
     like = tower.weight
     tower.check_images(images, any_size=True)
     kind = tower_kind(tower)
+    if method and not method_inner_norm(method) and has_inner_norm(tower):
+        raise UnsupportedModelError(
+            f"method {method!r} is written for an output projection acting on the heads' outputs directly; this "
+            f"{tower.family} tower has a LayerNorm between them (EVA's inner norm), which the method's published "
+            f"form does not include; on this tower these run: {', '.join(list_methods(tower))}")
     if method and kind not in method_towers(method):
         runs = ", ".join(list_methods(kind))
         if kind == "avg":

@@ -28,6 +28,8 @@ def gradeclip(tower, images, T, single_head: bool = False):
     x = last_block_input(tower, images, antialias=not single_head)
     with torch.no_grad():
         q, k, v = last.qkv(x)  # [b, H, N, d_head]
+        if last.rope is not None:  # EVA: the query-key similarity with the rotary embeddings the attention uses
+            q, k = last.rope(q), last.rope(k)
         _, H, N, dh = q.shape
         q_full = q.transpose(1, 2).reshape(b, N, H * dh)  # [b, N, D]
         k_full = k.transpose(1, 2).reshape(b, N, H * dh)

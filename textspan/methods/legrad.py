@@ -22,7 +22,7 @@ from ._vit import batched_vjp, parse_layer_option, patch_columns, prompt_cotange
 _CHUNK_ELEMENTS = 1 << 26
 
 
-@register("legrad", towers=("cls", "attn"))
+@register("legrad", towers=("cls", "attn"), inner_norm=False)
 def legrad(tower, images, T, layers=None):
     """Options: layers: None (default: the last two blocks, as the published code's layer_index=-2), "all", a
     layer string ("-4:") or a list of block indices."""

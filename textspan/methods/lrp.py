@@ -164,7 +164,7 @@ def patch_relevance(tower, images, tok, pos, R) -> torch.Tensor:
     return per_patch.reshape(*per_patch.shape[:2], *tower.grid_of(images))
 
 
-@register("lrp", towers=("cls",))
+@register("lrp", towers=("cls",), inner_norm=False)
 def lrp(tower, images, T):
     """No options (alpha 1, the published setting)."""
     check_lrp(tower, "lrp")

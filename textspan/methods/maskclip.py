@@ -19,7 +19,7 @@ from . import register
 from ._vit import last_block_input
 
 
-@register("maskclip", towers=("cls",))
+@register("maskclip", towers=("cls",), inner_norm=False)
 def maskclip(tower, images, T):
     """No options."""
     last = tower.blocks[-1]

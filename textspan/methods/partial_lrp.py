@@ -12,7 +12,7 @@ from ._vit import last_block_input, patch_columns
 from .lrp import _Saved, block_relevance, check_lrp, head_relevance
 
 
-@register("partial_lrp", towers=("cls",))
+@register("partial_lrp", towers=("cls",), inner_norm=False)
 def partial_lrp(tower, images, T):
     """No options (alpha 1, the published setting)."""
     check_lrp(tower, "partial_lrp")
