@@ -135,7 +135,9 @@ def test_methods_run_or_refuse_with_the_reason():
     for method in list_methods():
         opts = {"steps": 2, "samples": 2} if method == "m2ib" else {}
         if method in runs:
+            before = x.clone()
             a = explain(model, x, T, method=method, **opts)
+            assert torch.equal(x, before), method
             b = explain(model, x.clone(), T, method=method, **opts)
             assert a.shape == (2, 3, 4, 4) and torch.isfinite(a).all(), method
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -176,6 +178,9 @@ def test_jobs_on_an_eva_cache(tmp_path):
     W = F.normalize(torch.randn(512, 2), dim=0).numpy()
     abl = textspan.ablate_cache(tmp_path / "cache", classifier=W, same_set=True)
     assert abl.single_heads.shape == (3, 4)
+    deb = textspan.debias_cache(tmp_path / "cache", classifier=W, select="explicit", heads="L2H1", same_set=True,
+                                group_column="label", draws=1)
+    assert deb.report["heads"] == ["L2H1"] and 0 <= deb.report["heads_ablated"]["worst_group"] <= 100
     labels = textspan.text_span(np.asarray(cache.heads[:, 2, 1]), F.normalize(torch.randn(30, 512), dim=-1).numpy(),
                                 [f"t{i}" for i in range(30)], n_texts=3, rank=8)
     assert len(labels.texts) == 3
