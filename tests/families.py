@@ -77,13 +77,13 @@ def tiny_eva(seed=0, inner=True, fused=False, layer_scale=False, dtype=torch.flo
                              qkv_bias=True, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=inner,
                              use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=512, global_pool="token",
                              mlp_ratio=2.0, init_values=0.5 if layer_scale else None)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.visual.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    randomise_eva(model, seed + 1)
     return model.to(dtype).eval()
+
+
+def randomise_eva(model, seed: int):
+    """An EVA model's image tower with every parameter drawn (`helpers.randomise`; norm weights around 1)."""
+    from helpers import randomise
+
+    randomise(model.visual.named_parameters(), seed, lambda name: "norm" in name and name.endswith("weight"))
+    return model.eval()

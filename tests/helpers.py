@@ -14,17 +14,24 @@ def tiny_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, width
                   mlp_ratio=2.0, ls_init_value=ls_init_value, **vision_kwargs)
     text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     model = CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
-    g = torch.Generator().manual_seed(seed + 1)
+    randomise(model.named_parameters(), seed + 1,
+              lambda name: name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or "ln_pre.weight" in name
+              or "ln_post.weight" in name or name.endswith("ln_final.weight"))
+    return model.to(dtype).eval()
+
+
+def randomise(named_parameters, seed: int, is_norm_weight) -> None:
+    """Every parameter drawn from a seeded generator, in order: norm weights (`is_norm_weight(name)`) 1 + 0.3 N(0, 1),
+    matrices N(0, 1 / fan_in), vectors 0.2 N(0, 1): no term of the decomposition is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or "ln_pre.weight" in name \
-                    or "ln_post.weight" in name or name.endswith("ln_final.weight"):
+        for name, p in named_parameters:
+            if is_norm_weight(name):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
             elif p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.to(dtype).eval()
 
 
 def random_images(n: int, size: int = 32, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import textspan
-from families import tiny_eva
+from families import randomise_eva, tiny_eva
 from textspan import UnsupportedModelError, decompose, forward_image
 from textspan.methods import explain, list_methods
 
@@ -18,19 +18,6 @@ VARIANTS = {"inner_norm": dict(), "fused_qkv": dict(fused=True), "layer_scale": 
 
 def _x(n=2, seed=0, dtype=torch.float64, size=32):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def randomised(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.visual.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -58,7 +45,7 @@ def test_float32_identity_and_forward():
 
 
 def test_eva02_b16_random_weights():
-    model = randomised(open_clip.create_model("EVA02-B-16")).double()
+    model = randomise_eva(open_clip.create_model("EVA02-B-16"), 0).double()
     info = textspan.model_info(model)
     assert (info.n_layers, info.n_heads, info.d_mlp, info.d_embed) == (12, 12, 2048, 512)
     assert info.family == "open_clip timm (EVA)"

@@ -19,12 +19,10 @@ from PIL import Image
 
 import textspan
 from helpers import save_local_dir, tiny_clip, write_images
-from textspan import builtin
 from textspan.cache import HeadCache, build_cache, check_cache
 from textspan.cli import main
 from textspan.datasets import ImageList, read_image
-from textspan.errors import (BadInputError, CorruptCacheError, DeviceError, FolderMismatchError, InputNotFoundError,
-                             StorageError, UnsupportedModelError)
+from textspan.errors import BadInputError, CorruptCacheError, DeviceError, StorageError, UnsupportedModelError
 from textspan.text import TextBank
 
 

@@ -105,17 +105,22 @@ def head_importance_figure(accuracy_change, margin_change, path=None):
     return _save(fig, path, 120)
 
 
-def _effect_panel(fig, ax, values, label):
+def _effect_panel(fig, ax, values, label, title=None, diverging: bool = True):
+    """One layer x head grid on `ax`: signed values on `EFFECT_CMAP` centred on 0 (or `viridis`), L{l} / H{h}
+    ticks, axis labels, a title and a colour bar."""
     import numpy as np
 
     L, H = values.shape
-    scale = float(np.abs(values).max()) or 1.0
-    im = ax.imshow(values, cmap=EFFECT_CMAP, vmin=-scale, vmax=scale, aspect="auto")
+    if diverging:
+        scale = float(np.abs(values).max()) or 1.0
+        im = ax.imshow(values, cmap=EFFECT_CMAP, vmin=-scale, vmax=scale, aspect="auto")
+    else:
+        im = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(H), [f"H{h}" for h in range(H)], fontsize=7)
     ax.set_yticks(range(L), [f"L{l}" for l in range(L)], fontsize=7)
-    ax.set_title(label, fontsize=9)
+    ax.set_title(label if title is None else title, fontsize=9)
     fig.colorbar(im, ax=ax, label=label)
 
 
@@ -128,17 +133,7 @@ def head_heatmap(values, path=None, title: str = "", diverging: bool = True, lab
     values = np.asarray(values, dtype=np.float64)
     L, H = values.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.38 * H + 2.5), max(3, 0.32 * L + 1.6)))
-    if diverging:
-        scale = float(np.abs(values).max()) or 1.0
-        im = ax.imshow(values, cmap=EFFECT_CMAP, vmin=-scale, vmax=scale, aspect="auto")
-    else:
-        im = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(H), [f"H{h}" for h in range(H)], fontsize=7)
-    ax.set_yticks(range(L), [f"L{l}" for l in range(L)], fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label=label)
+    _effect_panel(fig, ax, values, label, title=title, diverging=diverging)
     fig.tight_layout()
     return _save(fig, path, 120)
 
