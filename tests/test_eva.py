@@ -184,3 +184,35 @@ def test_reader_registry():
     with pytest.raises(UnsupportedModelError, match="no textspan reader") as info:
         textspan.engine.read_tower(torch.nn.Linear(3, 3))
     assert all(f in str(info.value) for f in readers.families())
+
+
+@pytest.mark.parametrize("name", ["EVA01-g-14", "EVA02-L-14", "EVA02-L-14-336", "EVA02-E-14-plus"])
+def test_open_clip_eva_configs_one_block_deep(name):
+    """Each EVA config's own timm trunk (one block deep, random weights): read exactly, or (EVA02-E's post-norm
+    blocks) refused with the reason."""
+    import timm
+
+    cfg = open_clip.get_model_config(name)
+    v = cfg["vision_cfg"]
+    trunk = timm.create_model(v["timm_model_name"], pretrained=False, depth=1, num_classes=cfg["embed_dim"],
+                              global_pool=v["timm_pool"], img_size=v["image_size"])
+
+    class Tower(torch.nn.Module):  # open_clip's TimmModel layout: trunk, then an empty head
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.head = trunk, torch.nn.Sequential()
+
+        def forward(self, x):
+            return self.head(self.trunk(x))
+
+    model = Tower().double().eval()
+    x = _x(1, size=v["image_size"])
+    if name.startswith("EVA02-E"):
+        with pytest.raises(UnsupportedModelError, match="post-norm"):
+            decompose(model, x)
+        return
+    with torch.no_grad():
+        e = model(x)
+    torch.testing.assert_close(forward_image(model, x), e, rtol=0, atol=1e-10)
+    torch.testing.assert_close(decompose(model, x, spatial=False).total(), e / e.norm(dim=-1, keepdim=True),
+                               rtol=0, atol=1e-12)

@@ -55,6 +55,11 @@ def check(model, visual) -> None:
     if isinstance(trunk.head, torch.nn.Linear) and getattr(visual.head, "proj", None) is not None:
         raise UnsupportedModelError("two projections (the trunk's head and open_clip's proj) are not supported")
     for i, block in enumerate(trunk.blocks):
+        if type(block).__name__ == "EvaBlockPostNorm":
+            raise UnsupportedModelError(
+                f"block {i}: EVA02-E's post-norm blocks (EvaBlockPostNorm: a LayerNorm on the attention's output after "
+                f"out_proj, and on the MLP's, no norm before either) are not read yet: the attention term would need "
+                f"that norm linearised per head with a per-image bias share")
         if type(block) is not EvaBlock or type(block.attn) is not EvaAttention:
             raise UnsupportedModelError(f"block {i}: {type(block).__name__} is not timm's EvaBlock")
         attn = block.attn
