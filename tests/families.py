@@ -63,11 +63,12 @@ def word_tokenizer():
                                    eos_token="</s>")
 
 
-def tiny_eva(seed=0, inner=True, fused=False, layer_scale=False, dtype=torch.float64):
+def tiny_eva(seed=0, inner=True, fused=False, layer_scale=False, post_norm=False, dtype=torch.float64):
     """A tiny EVA02-style CLIP: open_clip's EVA02-B-16 model with its timm `Eva` trunk replaced by a 3-block,
     64-wide one at 32 px (8 px patches): rotary embeddings, SwiGLU MLPs with their inner norm, the LayerNorm over the
     heads before the output projection (`inner`), separate or fused (`fused`, with q/v biases) q/k/v, optional layer
-    scale; the trunk's head is the projection with a bias, as in EVA02 CLIP. Every parameter randomised."""
+    scale, or EVA02-E's post-norm blocks (`post_norm`: a LayerNorm after the attention's and the MLP's outputs, none
+    before); the trunk's head is the projection with a bias, as in EVA02 CLIP. Every parameter randomised."""
     import open_clip
     from timm.models.eva import Eva
 
@@ -76,7 +77,7 @@ def tiny_eva(seed=0, inner=True, fused=False, layer_scale=False, dtype=torch.flo
     model.visual.trunk = Eva(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, qkv_fused=fused,
                              qkv_bias=True, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=inner,
                              use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=512, global_pool="token",
-                             mlp_ratio=2.0, init_values=0.5 if layer_scale else None)
+                             mlp_ratio=2.0, init_values=0.5 if layer_scale else None, use_post_norm=post_norm)
     randomise_eva(model, seed + 1)
     return model.to(dtype).eval()
 

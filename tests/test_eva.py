@@ -13,7 +13,8 @@ from textspan import UnsupportedModelError, decompose, forward_image
 from textspan.methods import explain, list_methods
 
 VARIANTS = {"inner_norm": dict(), "fused_qkv": dict(fused=True), "layer_scale": dict(layer_scale=True),
-            "no_inner_norm": dict(inner=False)}
+            "no_inner_norm": dict(inner=False), "post_norm": dict(post_norm=True, inner=False),
+            "post_and_inner_norm": dict(post_norm=True)}
 
 
 def _x(n=2, seed=0, dtype=torch.float64, size=32):
@@ -109,8 +110,9 @@ def test_each_head_term_from_its_definition():
                                    rtol=0, atol=1e-13)
 
 
-def test_methods_run_or_refuse_with_the_reason():
-    model = tiny_eva(seed=4)
+@pytest.mark.parametrize("kind", [dict(), dict(post_norm=True, inner=False)], ids=["inner_norm", "post_norm"])
+def test_methods_run_or_refuse_with_the_reason(kind):
+    model = tiny_eva(seed=4, **kind)
     x = _x()
     T = F.normalize(torch.randn(3, 512, generator=torch.Generator().manual_seed(5), dtype=torch.float64), dim=-1)
     runs = list_methods(model)
@@ -188,8 +190,8 @@ def test_reader_registry():
 
 @pytest.mark.parametrize("name", ["EVA01-g-14", "EVA02-L-14", "EVA02-L-14-336", "EVA02-E-14-plus"])
 def test_open_clip_eva_configs_one_block_deep(name):
-    """Each EVA config's own timm trunk (one block deep, random weights): read exactly, or (EVA02-E's post-norm
-    blocks) refused with the reason."""
+    """Each EVA config's own timm trunk (one block deep, random weights), EVA02-E's post-norm blocks included: our
+    forward equals timm's, and the terms sum to the normalised embedding."""
     import timm
 
     cfg = open_clip.get_model_config(name)
@@ -207,12 +209,44 @@ def test_open_clip_eva_configs_one_block_deep(name):
 
     model = Tower().double().eval()
     x = _x(1, size=v["image_size"])
-    if name.startswith("EVA02-E"):
-        with pytest.raises(UnsupportedModelError, match="post-norm"):
-            decompose(model, x)
-        return
     with torch.no_grad():
         e = model(x)
     torch.testing.assert_close(forward_image(model, x), e, rtol=0, atol=1e-10)
     torch.testing.assert_close(decompose(model, x, spatial=False).total(), e / e.norm(dim=-1, keepdim=True),
                                rtol=0, atol=1e-12)
+
+
+def test_each_head_term_through_a_post_norm():
+    """EVA02-E's post-norm blocks: head h's term, from the definition with timm's own modules: its slice u_h of the
+    heads' output at CLS (the input of out_proj) through out_proj's weight, then the post-norm linearised with the
+    attention output's own std s: g * (W u_h - its mean over D) / s, plus 1/H of g * (b - mean(b)) / s + beta, then
+    ln_post linearised and the projection as for every term."""
+    model = tiny_eva(seed=7, post_norm=True, inner=False)
+    trunk = model.visual.trunk
+    x = _x(2, seed=3)
+    seen = {}
+    hooks = [blk.attn.proj.register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, (i[0], o)))
+             for l, blk in enumerate(trunk.blocks)]
+    try:
+        with torch.no_grad():
+            e = model.encode_image(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    d = decompose(model, x, spatial=False)
+    H, D = trunk.blocks[0].attn.num_heads, trunk.embed_dim
+    dh, K = D // H, 2 * len(trunk.blocks) + 1
+    ln, head = trunk.norm, trunk.head
+    norm = e.norm(dim=-1)
+    offset = (ln.bias - ln.weight * (d.ln_mean / d.ln_std)[:, None]) @ head.weight.t() + head.bias
+    for l, blk in enumerate(trunk.blocks):
+        heads_in, out = seen[l][0][:, 0], seen[l][1][:, 0]  # [b, D] at CLS: out_proj's input and output
+        post = blk.norm1
+        s = torch.sqrt(out.var(dim=-1, unbiased=False) + post.eps)
+        W, b = blk.attn.proj.weight, blk.attn.proj.bias
+        for h in range(H):
+            a = heads_in[:, h * dh:(h + 1) * dh] @ W[:, h * dh:(h + 1) * dh].t()  # [b, D]
+            c = post.weight * (a - a.mean(dim=-1, keepdim=True)) / s[:, None] \
+                + (post.weight * (b - b.mean()) / s[:, None] + post.bias) / H
+            want = ((c * ln.weight) @ head.weight.t()) / (d.ln_std * norm)[:, None] + offset / (K * H * norm[:, None])
+            torch.testing.assert_close(d.heads[:, l, h], want, rtol=0, atol=1e-13)

@@ -154,38 +154,58 @@ def forward_image(model, images: torch.Tensor) -> torch.Tensor:
 
 def _layer_fold(block: Block, gamma, proj, like):
     """W_O (per head), layer scale, ln_post's gamma and the projection folded: ([head, d_head, d_embed], bias
-    [d_embed] of out_proj pushed through the same map).
+    [d_embed] of out_proj pushed through the same map, and None or a second bias [d_embed] to be multiplied by the
+    image's 1/s of a post-norm, see `_bias`).
 
-    With an inner norm over the concatenated heads (EVA), linearised at the pooled query with its own mean and std
-    s (frozen, as ln_post is): head h's output u (in its slice of the D features) reaches out_proj as
-    g * (u - mean over the D features of u) / s, linear in u, so each head's term is exact: the fold is
-    W_out[:, h] diag(g_h) - (1/D) (W_out g) 1^T, to be multiplied by the image's 1/s (`ClsState.inner_scale`), and
-    the inner norm's bias joins out_proj's (W_out beta + b_out)."""
+    A norm between the heads and the residual stream is linearised at the pooled query with its own mean and std s
+    (frozen, as ln_post is), so each head's term stays exact:
+    - an inner norm over the concatenated heads before out_proj (EVA): head h's output u (its slice of the D
+      features) reaches out_proj as g * (u - mean over the D features of u) / s: the fold is
+      W_out[:, h] diag(g_h) - (1/D) (W_out g) 1^T, times the image's 1/s (`ClsState.inner_scale`); its bias joins
+      out_proj's (W_out beta + b_out);
+    - a post-norm on the attention's output after out_proj (EVA02-E): g * C(W_out u_h) / s, C the centring over the
+      D features: the fold's rows are centred and scaled by g, times the image's 1/s (`ClsState.post_scale`); out_proj's
+      bias becomes g * C(b_out) / s (per image) plus the norm's own bias."""
     n_heads, d_model = block.n_heads, block.d_model
     g = block.scale_attn_gamma
-    ls1 = g.to(like.dtype) if g is not None else torch.ones(d_model, dtype=like.dtype, device=like.device)
+    ones = torch.ones(d_model, dtype=like.dtype, device=like.device)
+    ls1 = g.to(like.dtype) if g is not None else ones
     w_out = block.w_out.to(like.dtype)
-    b_out = block.b_out.to(like.dtype) if block.b_out is not None else None
+    b_out = block.b_out.to(like.dtype) if block.b_out is not None else torch.zeros(d_model, dtype=like.dtype,
+                                                                                     device=like.device)
     if block.inner_norm_affine is not None:
         w_in, b_in, _ = block.inner_norm_affine
-        g_in = w_in.to(like.dtype) if w_in is not None else torch.ones(d_model, dtype=like.dtype, device=like.device)
-        centre = (w_out @ g_in) / d_model  # [D]: what one unit of any head feature removes through the mean
-        w_out = w_out * g_in - centre[:, None]
+        g_in = w_in.to(like.dtype) if w_in is not None else ones
         if b_in is not None:
-            b_out = block.w_out.to(like.dtype) @ b_in.to(like.dtype) + (b_out if b_out is not None else 0)
+            b_out = w_out @ b_in.to(like.dtype) + b_out
+        w_out = w_out * g_in - ((w_out @ g_in) / d_model)[:, None]  # what one unit of a head feature removes via the mean
+    scaled_bias = None
+    if block.post_norm_attn_affine is not None:
+        w_p, b_p, _ = block.post_norm_attn_affine
+        g_p = w_p.to(like.dtype) if w_p is not None else ones
+        w_out = (w_out - w_out.mean(dim=0, keepdim=True)) * g_p[:, None]
+        scaled_bias = ((b_out - b_out.mean()) * g_p * ls1 * gamma) @ proj
+        b_out = b_p.to(like.dtype) if b_p is not None else torch.zeros_like(b_out)
     w_out_t = w_out.t().reshape(n_heads, d_model // n_heads, d_model)
     fold = (w_out_t * (ls1 * gamma)) @ proj
     if block.head_gain is not None:
         fold = fold * block.head_gain.reshape(n_heads, 1, 1)
-    bias = ((b_out * ls1 * gamma) @ proj) if b_out is not None else torch.zeros_like(proj[0])
-    return fold, bias
+    bias = (b_out * ls1 * gamma) @ proj
+    return fold, bias, scaled_bias
 
 
 def _inner(st, t: torch.Tensor) -> torch.Tensor:
-    """Per-head outputs [b, ...] times the image's 1/s of the block's inner norm (EVA), else as they are."""
-    if st.inner_scale is None:
-        return t
-    return t * st.inner_scale.reshape(-1, *([1] * (t.ndim - 1)))
+    """Per-head outputs [b, ...] times the image's 1/s of the block's inner norm and post-norm (EVA), else as they
+    are."""
+    for f in (st.inner_scale, st.post_scale):
+        if f is not None:
+            t = t * f.reshape(-1, *([1] * (t.ndim - 1)))
+    return t
+
+
+def _bias(st, bias: torch.Tensor, scaled_bias) -> torch.Tensor:
+    """The layer's bias: [d] (the same for every image), or [b, d] with a post-norm's per-image share."""
+    return bias if scaled_bias is None else bias + st.post_scale[:, None] * scaled_bias
 
 
 @concise
@@ -259,7 +279,7 @@ def _project(tower: Tower, images, directions, heads_mask, any_size=False) -> Pr
     K = 2 * L + 1
     tokens = torch.zeros(b, N, k, dtype=like.dtype, device=like.device)
     other = torch.zeros(b, k, dtype=like.dtype, device=like.device)
-    token_bias = torch.zeros(k, dtype=like.dtype, device=like.device)
+    token_bias = torch.zeros(b, k, dtype=like.dtype, device=like.device)
     mlps_raw = torch.zeros(b, d_model, dtype=like.dtype, device=like.device)
     x_final = None
     proj_t = proj @ T.t()  # [d_model, k]
@@ -269,7 +289,8 @@ def _project(tower: Tower, images, directions, heads_mask, any_size=False) -> Pr
         elif item[0] == "layer":
             l, st = item[1], item[2]
             # fold straight into the k directions: [H, d_head, k] and [k], never the [H, d_head, d_embed] fold
-            fold_t, bias_t = _layer_fold(blocks[l], gamma, proj_t, like)
+            fold_t, bias_t, scaled_t = _layer_fold(blocks[l], gamma, proj_t, like)
+            bias_t = _bias(st, bias_t, scaled_t)  # [k], or [b, k] under a post-norm
             on = sel[l].nonzero().flatten().tolist()
             off = (~sel[l]).nonzero().flatten().tolist()
             if on:
@@ -285,7 +306,8 @@ def _project(tower: Tower, images, directions, heads_mask, any_size=False) -> Pr
     mu, sigma, e, norm, scale, offset = _linearised_ln_post(tower, x_final, gamma, beta, proj, eps)
     offset_t = offset @ T.t()  # [b, k]
     n_on, n_off = int(sel.sum()), int((~sel).sum())
-    tokens = (tokens + token_bias) * scale[:, None, None] + (offset_t * (n_on / (K * N * H)) / norm[:, None])[:, None]
+    tokens = (tokens + token_bias[:, None]) * scale[:, None, None] \
+        + (offset_t * (n_on / (K * N * H)) / norm[:, None])[:, None]
     other = other * scale[:, None] + offset_t * (n_off / (K * H)) / norm[:, None]
     mlps = ((mlps_raw * gamma) @ proj @ T.t()) * scale[:, None] + offset_t * ((L + 1) / K) / norm[:, None]
     return Projection(tokens=tokens, other_heads=other, mlps=mlps, norm=norm)
@@ -331,7 +353,7 @@ def _decompose(tower: Tower, images: torch.Tensor, spatial: bool) -> Decompositi
     if spatial:
         heads_out = torch.empty(b, n_layers, n_tokens, n_heads, d_embed, dtype=like.dtype, device=like.device)
         buf = torch.empty(b, n_heads, n_tokens, d_embed, dtype=like.dtype, device=like.device)
-        layer_bias = torch.empty(n_layers, d_embed, dtype=like.dtype, device=like.device)
+        layer_bias = torch.empty(b, n_layers, d_embed, dtype=like.dtype, device=like.device)
     heads_ns = torch.empty(b, n_layers, n_heads, d_embed, dtype=like.dtype, device=like.device)
     cls_cls = torch.empty(b, n_layers, n_heads, d_embed, dtype=like.dtype, device=like.device)
     mlps_raw = torch.empty(b, n_layers + 1, d_model, dtype=like.dtype, device=like.device)
@@ -342,17 +364,19 @@ def _decompose(tower: Tower, images: torch.Tensor, spatial: bool) -> Decompositi
             mlps_raw[:, 0] = tower.pooled_token(item[1])
         elif item[0] == "layer":
             l, st = item[1], item[2]
-            fold, bias = _layer_fold(blocks[l], gamma, proj, like)
+            fold, bias, scaled = _layer_fold(blocks[l], gamma, proj, like)
+            bias = _bias(st, bias, scaled)  # [d'], or [b, d'] under a post-norm
             # Non-spatial: sum over tokens of A[0,m] v[m] is the attention output at CLS.
-            heads_ns[:, l] = torch.einsum("bhd,hde->bhe", _inner(st, st.o_cls), fold) + bias / n_heads
+            bias = bias.expand(b, -1)  # [b, d']
+            heads_ns[:, l] = torch.einsum("bhd,hde->bhe", _inner(st, st.o_cls), fold) + bias[:, None] / n_heads
             cls_cls[:, l] = torch.einsum("bhd,hde->bhe",
                                          _inner(st, st.attn_cls[:, :, 0, None] * st.values[:, :, 0]), fold)
-            cls_cls[:, l] += bias / (n_tokens * n_heads)
+            cls_cls[:, l] += bias[:, None] / (n_tokens * n_heads)
             if spatial:
                 weighted = _inner(st, st.attn_cls.unsqueeze(-1) * st.values)  # [batch, head, token, d_head]
                 torch.matmul(weighted, fold, out=buf)  # [batch, head, token, d_embed], one buffer for all layers
                 heads_out[:, l].copy_(buf.transpose(1, 2))
-                layer_bias[l] = bias / (n_tokens * n_heads)  # added with the final scaling, in the same pass
+                layer_bias[:, l] = bias / (n_tokens * n_heads)  # added with the final scaling, in the same pass
             mlps_raw[:, l + 1] = st.mlp_cls
         else:
             x_final = item[1]
@@ -365,7 +389,7 @@ def _decompose(tower: Tower, images: torch.Tensor, spatial: bool) -> Decompositi
         (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None, None])
     if spatial:
         # one fused pass over the big tensor: terms * scale + (layer bias * scale + offset share)
-        const = layer_bias[None] * scale[:, None, None] + (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None]
+        const = layer_bias * scale[:, None, None] + (offset / (K * n_tokens * n_heads * norm[:, None]))[:, None]
         torch.addcmul(const[:, :, None, None], heads_out, scale[:, None, None, None, None], out=heads_out)
 
     return Decomposition(

@@ -53,6 +53,7 @@ class ClsState:
     values: Optional[torch.Tensor]  # [batch, head, token, d_head] when kept
     mlp_cls: torch.Tensor  # [batch, d_model], the MLP output (after layer scale) at CLS
     inner_scale: Optional[torch.Tensor] = None  # [batch]: 1 / std of the heads' output at CLS (EVA's inner norm)
+    post_scale: Optional[torch.Tensor] = None  # [batch]: 1 / std of the attention output at CLS (EVA02-E post-norm)
 
 
 def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -76,6 +77,8 @@ class Block:
         inner_norm, inner_norm_affine: a LayerNorm over the concatenated heads before the output projection (EVA;
         None elsewhere): attn(x) = W_out inner_norm(heads) + b_out.
         rope: rotary position embeddings applied to q and k after the qk-norm (EVA; None elsewhere).
+        post_norm_attn, post_norm_mlp: LayerNorms on the attention's and the MLP's outputs before the residual add
+        (EVA02-E's post-norm blocks, whose norm_attn and norm_mlp are identities; None elsewhere).
     """
 
     n_heads: int
@@ -103,6 +106,10 @@ class Block:
     inner_norm: Optional[Callable] = None
     inner_norm_affine: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]] = None
     rope: Optional[Callable] = None  # per-head q or k [b, head, N, d_head] -> rotated (the patch tokens)
+    # EVA02-E: post-norm blocks, a LayerNorm on the attention's output after out_proj and one on the MLP's output
+    post_norm_attn: Optional[Callable] = None
+    post_norm_attn_affine: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]] = None
+    post_norm_mlp: Optional[Callable] = None
 
     @property
     def d_model(self) -> int:
@@ -162,11 +169,24 @@ class Block:
         """The residual stream after the attention: x_in + scale_attn(inner_norm(heads_out) W_out^T + b_out)."""
         if self.inner_norm is not None:
             heads_out = self.inner_norm(heads_out)
-        return x_in + self.scale_attn(F.linear(heads_out, self.w_out, self.b_out))
+        out = F.linear(heads_out, self.w_out, self.b_out)
+        if self.post_norm_attn is not None:
+            out = self.post_norm_attn(out)
+        return x_in + self.scale_attn(out)
 
     def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
-        """scale_mlp(mlp(norm_mlp(y))): what the MLP adds to the residual stream."""
-        return self.scale_mlp(self.mlp(self.norm_mlp(y)))
+        """scale_mlp(mlp(norm_mlp(y))) (post_norm_mlp applied after the MLP when the block has one): what the MLP adds
+        to the residual stream."""
+        out = self.mlp(self.norm_mlp(y))
+        if self.post_norm_mlp is not None:
+            out = self.post_norm_mlp(out)
+        return self.scale_mlp(out)
+
+    @property
+    def mixes_heads(self) -> bool:
+        """Whether a norm sits between the heads' outputs and the residual stream (an inner norm before out_proj or
+        a post-norm after it): linear per head only once its statistics are frozen."""
+        return self.inner_norm is not None or self.post_norm_attn is not None
 
     def after_mlp(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.mlp_out(y)
@@ -212,12 +232,16 @@ class Block:
         y = self.after_heads(x, merged)
         mlp_out = self.mlp_out(y)
         mlp_cls = mlp_out[:, 1:].mean(dim=1) if query == "avg" else mlp_out[:, 0]
-        inner_scale = None
+        inner_scale = post_scale = None
+        h_cls = merged[:, 0]
         if self.inner_norm is not None:  # the inner norm's frozen statistics at the pooled query (CLS)
-            eps = self.inner_norm_affine[2]
-            inner_scale = 1.0 / torch.sqrt(merged[:, 0].var(dim=-1, unbiased=False) + eps)
+            inner_scale = 1.0 / torch.sqrt(h_cls.var(dim=-1, unbiased=False) + self.inner_norm_affine[2])
+            h_cls = self.inner_norm(h_cls)
+        if self.post_norm_attn is not None:  # the post-norm's, on the attention output at CLS
+            a_cls = F.linear(h_cls, self.w_out, self.b_out)
+            post_scale = 1.0 / torch.sqrt(a_cls.var(dim=-1, unbiased=False) + self.post_norm_attn_affine[2])
         return y + mlp_out, ClsState(o_cls=o_cls, attn_cls=attn_cls, values=v if keep_values else None,
-                                     mlp_cls=mlp_cls, inner_scale=inner_scale)
+                                     mlp_cls=mlp_cls, inner_scale=inner_scale, post_scale=post_scale)
 
     def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block with fused attention, keeping what every token receives: (x_out, heads_out [b, N, d_model]

@@ -79,12 +79,13 @@ def list_methods(tower=None) -> List[str]:
 
 
 def has_inner_norm(tower) -> bool:
-    """Whether a tower (or model) has a norm between its heads and out_proj (EVA)."""
+    """Whether a tower (or model) has a norm between its heads' outputs and the residual stream (EVA's inner norm
+    before out_proj, EVA02-E's post-norm after it)."""
     from ..engine import Tower, read_tower
 
     if not isinstance(tower, Tower):
         tower = read_tower(tower)
-    return any(b.inner_norm is not None for b in tower.blocks)
+    return any(b.mixes_heads for b in tower.blocks)
 
 
 def method_inner_norm(name: str) -> bool:

@@ -48,8 +48,9 @@ def prepare(model, images: torch.Tensor, text_embeddings, method: str = "") -> t
     if method and not method_inner_norm(method) and has_inner_norm(tower):
         raise UnsupportedModelError(
             f"method {method!r} is written for an output projection acting on the heads' outputs directly; this "
-            f"{tower.family} tower has a LayerNorm between them (EVA's inner norm), which the method's published "
-            f"form does not include; on this tower these run: {', '.join(list_methods(tower))}")
+            f"{tower.family} tower has a LayerNorm between them and the residual stream (EVA's inner norm or "
+            f"post-norm), which the method's published form does not include; on this tower these run: "
+            f"{', '.join(list_methods(tower))}")
     if method and kind not in method_towers(method):
         runs = ", ".join(list_methods(kind))
         if kind == "avg":

@@ -29,7 +29,7 @@ def check(model, visual) -> None:
     decomposition freezes anyway), a LayerNorm over the concatenated heads before the output projection (linearised
     at the pooled query, exact per head) and SwiGLU MLPs with an inner LayerNorm (one MLP term per block)."""
     trunk = timm_trunk(visual)
-    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
     if trunk.cls_token is None or trunk.global_pool != "token":
         raise UnsupportedModelError(f"EVA trunk with global_pool={trunk.global_pool!r} and "
@@ -55,13 +55,12 @@ def check(model, visual) -> None:
     if isinstance(trunk.head, torch.nn.Linear) and getattr(visual.head, "proj", None) is not None:
         raise UnsupportedModelError("two projections (the trunk's head and open_clip's proj) are not supported")
     for i, block in enumerate(trunk.blocks):
-        if type(block).__name__ == "EvaBlockPostNorm":
-            raise UnsupportedModelError(
-                f"block {i}: EVA02-E's post-norm blocks (EvaBlockPostNorm: a LayerNorm on the attention's output after "
-                f"out_proj, and on the MLP's, no norm before either) are not read yet: the attention term would need "
-                f"that norm linearised per head with a per-image bias share")
-        if type(block) is not EvaBlock or type(block.attn) is not EvaAttention:
-            raise UnsupportedModelError(f"block {i}: {type(block).__name__} is not timm's EvaBlock")
+        if type(block) not in (EvaBlock, EvaBlockPostNorm) or type(block.attn) is not EvaAttention:
+            raise UnsupportedModelError(f"block {i}: {type(block).__name__} is not timm's EvaBlock or "
+                                        f"EvaBlockPostNorm")
+        if type(block) is EvaBlockPostNorm and not (isinstance(block.norm1, torch.nn.LayerNorm)
+                                                   and isinstance(block.norm2, torch.nn.LayerNorm)):
+            raise UnsupportedModelError(f"block {i}: post-norms that are not LayerNorms are not supported")
         attn = block.attn
         if getattr(attn, "gate", None) is not None:
             raise UnsupportedModelError(f"block {i}: a gate on the heads' output is not supported")
@@ -118,19 +117,22 @@ def _block(trunk, block, n_patches: int) -> Block:
     inner = attn.norm if isinstance(attn.norm, torch.nn.LayerNorm) else None
     gamma_1 = getattr(block, "gamma_1", None)
     gamma_2 = getattr(block, "gamma_2", None)
+    post = type(block).__name__ == "EvaBlockPostNorm"  # EVA02-E: x + norm1(attn(x)), then x + norm2(mlp(x))
     return Block(
-        n_heads=attn.num_heads, norm_attn=block.norm1, w_in=w_in, b_in=b_in,
+        n_heads=attn.num_heads, norm_attn=identity if post else block.norm1, w_in=w_in, b_in=b_in,
         w_out=attn.proj.weight, b_out=attn.proj.bias,
         q_norm=None if isinstance(attn.q_norm, torch.nn.Identity) else attn.q_norm,
         k_norm=None if isinstance(attn.k_norm, torch.nn.Identity) else attn.k_norm,
         cosine_scale=None, cosine_scale_max=None, head_gain=None,
         scale_attn=(lambda t, g=gamma_1: g * t) if gamma_1 is not None else identity, scale_attn_gamma=gamma_1,
-        norm_mlp=block.norm2, mlp=mlp,
+        norm_mlp=identity if post else block.norm2, mlp=mlp,
         scale_mlp=(lambda t, g=gamma_2: g * t) if gamma_2 is not None else identity, scale_mlp_gamma=gamma_2,
         fc_in=None, act=None, fc_out=None,  # SwiGLU (two input projections, an inner norm): not Linear-act-Linear
-        norm_mlp_affine=affine(block.norm2) if isinstance(block.norm2, torch.nn.LayerNorm) else None,
+        norm_mlp_affine=affine(block.norm2) if isinstance(block.norm2, torch.nn.LayerNorm) and not post else None,
         inner_norm=inner, inner_norm_affine=affine(inner) if inner is not None else None,
         rope=_rope(trunk, attn, n_patches),
+        post_norm_attn=block.norm1 if post else None, post_norm_attn_affine=affine(block.norm1) if post else None,
+        post_norm_mlp=block.norm2 if post else None,
     )
 
 
