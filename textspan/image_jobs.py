@@ -281,13 +281,16 @@ def _eval_settings(loaded: Loaded, method, options, W, classnames, **data) -> di
     """What must agree for an evaluation to resume: model, method and options, classifier, and the `data` keys.
     A method not defined on the model's tower is refused here, before any work."""
     from .errors import UnsupportedModelError
-    from .methods import get_method, list_methods, tower_kind
+    from .methods import get_method, list_methods, method_towers, tower_kind
 
     get_method(method)
-    if method not in list_methods(engine.read_tower(loaded.model)):
-        kind = tower_kind(engine.read_tower(loaded.model))
-        raise UnsupportedModelError(f"method {method!r} is not defined on this model's tower ({kind!r} pooling); "
-                                    f"these are: {', '.join(list_methods(kind))}")
+    tower = engine.read_tower(loaded.model)
+    if method not in list_methods(tower):
+        why = f"{tower_kind(tower)!r} pooling"
+        if tower_kind(tower) in method_towers(method):
+            why = "a LayerNorm between its heads' outputs and the residual stream (EVA)"
+        raise UnsupportedModelError(f"method {method!r} is not defined on this model's tower ({why}); these are: "
+                                    f"{', '.join(list_methods(tower))}")
     return {"model": loaded.name, "pretrained": loaded.pretrained, "fingerprint": loaded.fingerprint,
             "method": method, "options": options,
             "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(), "classes": list(classnames),
