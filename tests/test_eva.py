@@ -21,6 +21,26 @@ def _x(n=2, seed=0, dtype=torch.float64, size=32):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+def _encode_capturing(model, x, modules):
+    """open_clip's encode_image with each of `modules` ({key: module}) recording its (input, output): the model's own
+    forward, hooks removed afterwards."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, k=k: seen.__setitem__(k, (i[0], o))) for k, m in modules.items()]
+    try:
+        with torch.no_grad():
+            e = model.encode_image(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return e, seen
+
+
+def _ln_post_offset(trunk, d):
+    """[b, d']: ln_post's frozen mean/bias part and the head's bias, pushed through the projection."""
+    ln, head = trunk.norm, trunk.head
+    return (ln.bias - ln.weight * (d.ln_mean / d.ln_std)[:, None]) @ head.weight.t() + head.bias
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_forward_and_identity_float64(variant):
     model = tiny_eva(seed=1, **VARIANTS[variant])
@@ -72,17 +92,8 @@ def test_each_head_term_from_its_definition():
     model = tiny_eva(seed=3)
     trunk = model.visual.trunk
     x = _x(3, seed=1)
-    seen = {}
-    hooks = [blk.attn.norm.register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(("in", l), i[0]))
-             for l, blk in enumerate(trunk.blocks)]
-    hooks += [blk.attn.register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(("out", l), o))
-              for l, blk in enumerate(trunk.blocks)]
-    try:
-        with torch.no_grad():
-            e = model.encode_image(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    e, seen = _encode_capturing(model, x, {**{("in", l): blk.attn.norm for l, blk in enumerate(trunk.blocks)},
+                                           **{("out", l): blk.attn for l, blk in enumerate(trunk.blocks)}})
     d = decompose(model, x, spatial=False)
     L, H, D = len(trunk.blocks), trunk.blocks[0].attn.num_heads, trunk.embed_dim
     dh = D // H
@@ -90,13 +101,13 @@ def test_each_head_term_from_its_definition():
     ln, head = trunk.norm, trunk.head
     norm = e.norm(dim=-1)
     sigma = d.ln_std
-    offset = (ln.bias - ln.weight * (d.ln_mean / sigma)[:, None]) @ head.weight.t() + head.bias  # [b, d']
+    offset = _ln_post_offset(trunk, d)  # [b, d']
 
     def through_ln_post(c, share):  # a residual-stream term at CLS -> its term of e / ||e||
         return ((c * ln.weight) @ head.weight.t()) / (sigma * norm)[:, None] + offset * share / norm[:, None]
 
     for l, blk in enumerate(trunk.blocks):
-        o = seen[("in", l)][:, 0]  # [b, D] heads concatenated at CLS
+        o = seen[("in", l)][0][:, 0]  # [b, D] heads concatenated at CLS
         inner = blk.attn.norm
         s = torch.sqrt(o.var(dim=-1, unbiased=False) + inner.eps)
         for h in range(H):
@@ -106,7 +117,7 @@ def test_each_head_term_from_its_definition():
             c = F.linear(centred, blk.attn.proj.weight) + (blk.attn.proj.weight @ inner.bias + blk.attn.proj.bias) / H
             torch.testing.assert_close(d.heads[:, l, h], through_ln_post(c, 1 / (K * H)), rtol=0, atol=1e-13)
         # summed over heads: the attention output at CLS
-        torch.testing.assert_close(d.heads[:, l].sum(dim=1), through_ln_post(seen[("out", l)][:, 0], 1 / K),
+        torch.testing.assert_close(d.heads[:, l].sum(dim=1), through_ln_post(seen[("out", l)][1][:, 0], 1 / K),
                                    rtol=0, atol=1e-13)
 
 
@@ -224,21 +235,13 @@ def test_each_head_term_through_a_post_norm():
     model = tiny_eva(seed=7, post_norm=True, inner=False)
     trunk = model.visual.trunk
     x = _x(2, seed=3)
-    seen = {}
-    hooks = [blk.attn.proj.register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, (i[0], o)))
-             for l, blk in enumerate(trunk.blocks)]
-    try:
-        with torch.no_grad():
-            e = model.encode_image(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    e, seen = _encode_capturing(model, x, {l: blk.attn.proj for l, blk in enumerate(trunk.blocks)})
     d = decompose(model, x, spatial=False)
     H, D = trunk.blocks[0].attn.num_heads, trunk.embed_dim
     dh, K = D // H, 2 * len(trunk.blocks) + 1
     ln, head = trunk.norm, trunk.head
     norm = e.norm(dim=-1)
-    offset = (ln.bias - ln.weight * (d.ln_mean / d.ln_std)[:, None]) @ head.weight.t() + head.bias
+    offset = _ln_post_offset(trunk, d)
     for l, blk in enumerate(trunk.blocks):
         heads_in, out = seen[l][0][:, 0], seen[l][1][:, 0]  # [b, D] at CLS: out_proj's input and output
         post = blk.norm1

@@ -97,13 +97,10 @@ class ImageList:
                                 + (f" ({len(unreadable)} folders could not be read)" if unreadable else ""))
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[p.relative_to(root).parts[0]] if len(p.relative_to(root).parts) > 1 else -1 for p in files]
-        counts = {c: 0 for c in classes}
-        for p in files:
-            if len(p.relative_to(root).parts) > 1:
-                counts[p.relative_to(root).parts[0]] += 1
-        for c, k in counts.items():
-            if k == 0:
-                note(root / c, f"class folder {c!r} (class {index[c]}) has no images: the class is kept, so the "
+        present = set(labels)
+        for c, i in index.items():
+            if i not in present:
+                note(root / c, f"class folder {c!r} (class {i}) has no images: the class is kept, so the "
                                f"classes after it keep their indices")
         return cls([_absolute(p) for p in files], labels, classes, source=str(root.resolve()), notes=notes)
 

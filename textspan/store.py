@@ -241,12 +241,15 @@ class RunFolder:
         record = read_json(self.path / "run.json")
         if not record or record.get("command") != self.command or not isinstance(record.get("settings"), dict):
             return
-        problems = differences(record["settings"], self.settings)
+        self._refuse_other_settings(record["settings"], f"a finished {self.command} run", "replace it")
+
+    def _refuse_other_settings(self, old: dict, what: str, todo: str) -> None:
+        """`FolderMismatchError` naming each setting of this run that `old` (a saved run's) has otherwise."""
+        problems = differences(old, self.settings)
         if problems:
-            keys = [k for k in self.settings if record["settings"].get(k) != self.settings[k]]
-            raise FolderMismatchError(f"{self.path} holds a finished {self.command} run made with other settings "
-                                      f"({', '.join(keys)}): {'; '.join(problems)}. Use another output folder, or "
-                                      f"--overwrite to replace it")
+            keys = [k for k in self.settings if old.get(k) != self.settings[k]]
+            raise FolderMismatchError(f"{self.path} holds {what} made with other settings ({', '.join(keys)}): "
+                                      f"{'; '.join(problems)}. Use another output folder, or --overwrite to {todo}")
 
     def load_progress(self, fresh: dict) -> dict:
         """The saved state of an unfinished run with these settings, else `fresh` (a new dict with the settings).
@@ -254,12 +257,7 @@ class RunFolder:
         old = None if self.overwrite else read_json(self.progress_file)
         if old is None:
             return dict(self.settings, **fresh)
-        problems = differences(old, self.settings)
-        if problems:
-            keys = [k for k in self.settings if old.get(k) != self.settings[k]]
-            raise FolderMismatchError(f"{self.path} holds a {self.command} run made with other settings "
-                                      f"({', '.join(keys)}): {'; '.join(problems)}. Use another output folder, or "
-                                      f"--overwrite to start afresh")
+        self._refuse_other_settings(old, f"a {self.command} run", "start afresh")
         return old
 
     def save_progress(self, state: dict) -> None:

@@ -68,8 +68,6 @@ def check(model, visual) -> None:
             raise UnsupportedModelError(f"block {i}: attention scale {attn.scale} is not 1/sqrt(d_head)")
         if not isinstance(attn.norm, (torch.nn.Identity, torch.nn.LayerNorm)):
             raise UnsupportedModelError(f"block {i}: inner norm {type(attn.norm).__name__} is not a LayerNorm")
-        if getattr(attn, "rotate_half", False) and trunk.rope is not None:
-            pass  # timm's half rotation is applied by the same function, with half=True
         mlp = block.mlp
         if not (hasattr(mlp, "fc2") and (hasattr(mlp, "fc1_g") or hasattr(mlp, "fc1"))):
             raise UnsupportedModelError(f"block {i}: unknown MLP {type(mlp).__name__}")
