@@ -405,3 +405,31 @@ def collate_with_failures(items):
     if not good:
         return [], None, failures, notes
     return [i for i, _ in good], torch.stack([t for _, t in good]), failures, notes
+
+
+class ImageListSource:
+    """The images of an `ImageList` as entries for `textspan.evaluation.run_evaluation`: value = (index in the list,
+    PIL image, preprocessed tensor or None without `preprocess`). Unreadable files (and preprocessing failures) are
+    entries with their reason, as `ImageDataset` reports them."""
+
+    def __init__(self, items: ImageList, preprocess: Optional[Callable] = None):
+        self.items = items
+        self.preprocess = preprocess
+        self.identity = items.digest
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def entries(self, start: int, stop: int):
+        from .evaluation import Entry
+
+        for idx in range(start, stop):
+            path = self.items.paths[idx]
+            try:
+                img = read_image(path)
+                tensor = self.preprocess(img) if self.preprocess is not None else None
+                yield Entry(idx, path, (idx, img, tensor))
+            except BadInputError as exc:
+                yield Entry(idx, path, None, _reason(exc, path))
+            except Exception as exc:  # preprocessing failures are reported, not raised
+                yield Entry(idx, path, None, f"{type(exc).__name__}: {exc}")

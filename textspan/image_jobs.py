@@ -6,7 +6,6 @@ continues where it stopped and equals an uninterrupted run; other settings are r
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -18,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ._repr import concise
-from . import engine, explain_eval, metrics
+from . import engine
 from .errors import BadInputError, job
 from .jobs import Loaded, Notify, _nothing, resolve_model, zero_shot_classifier
 from .store import RunFolder
@@ -317,139 +316,27 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
     that object). segmentation.json then adds `by_objects` ({"1": scores of single-mask images, "2": of the
     two-object images' objects, ...}); per_image.csv has a row per object (item IMAGE:CLASS).
     """
-    import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     from . import segmentation as seg
-    from .decomposition import project
-    from .heatmaps import patch_maps
-    from .visualize import sample_figure, upsample
+    from .evals.segmentation import SegmentationEvaluation
+    from .evaluation import run_evaluation
 
     if target not in ("predicted", "true"):
         raise BadInputError(f"target must be 'predicted' or 'true'; got {target!r}")
     options = dict(options or {})
     loaded = resolve_model(model, pretrained, device)
-    dev = engine.model_device(loaded.model)
     W, classnames = zero_shot_classifier(loaded, classes, templates, classifier,
                                          default_classes=seg.folder_classes(data) if Path(data).is_dir() else ())
-    T = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))
-    grid = engine.read_tower(loaded.model).grid_size
-    is_mat = Path(data).is_file()
-    if target == "true" and is_mat:
+    source = seg.SegmentationSource(data)
+    if target == "true" and source.is_mat:
         raise BadInputError("target='true' (--target true) needs class sub-folders (folder data); the .mat file has "
                             "no labels")
-    if is_mat:
-        data_id = f"{Path(data).resolve()} ({Path(data).stat().st_size} bytes, {seg.mat_entries(data)} entries)"
-    else:
-        listed = seg.folder_images(data)
-        data_id = hashlib.sha256("\n".join(str(q.relative_to(Path(data))) for q in listed).encode()).hexdigest()
-    settings = _eval_settings(loaded, method, options, W, classnames, data=data_id, target=target)
-    run = RunFolder(output, "segment-eval", settings, overwrite=overwrite, progress_name="segment_progress.json") \
-        if output is not None else None
-    out = Path(output) if output is not None else None
-    with run if run is not None else _nothing():
-        fresh = dict(next_entry=0, rows=[], failures=[], samples=0)
-        progress = run.load_progress(fresh) if run is not None else dict(settings, **fresh)
-        rows, failures = progress["rows"], progress["failures"]
-        consumed = progress["next_entry"]
-        if consumed:
-            notify(f"resuming after {consumed} entries ({len(rows)} images scored)")
-        entries = seg.iter_mat(data, start=consumed) if is_mat else seg.iter_folder(data, start=consumed)
-        to_mask = seg.mask_transform(loaded.preprocess)
-        pending = []
-
-        def save():
-            progress["next_entry"] = consumed
-            if run is not None:
-                run.save_progress(progress)
-
-        def flush():
-            x = torch.stack([loaded.preprocess(im) for _, im, _ in pending]).to(dev)
-            if method == "decomposition" and not options:
-                p = project(loaded.model, x, T)  # one forward gives the maps and the zero-shot logits
-                rel = patch_maps(p, grid, relative=False)  # [b, C, g, g]
-                logits = p.total()  # (e / ||e||) @ W
-            else:
-                e = engine.library_image_embedding(loaded.model, x).detach()
-                logits = torch.nn.functional.normalize(e, dim=-1) @ T.t().to(x.dtype)
-            chosen = []  # (pending index, class index, mask, item name, objects in the image)
-            for k, (name, im, mask) in enumerate(pending):
-                if isinstance(mask, dict):  # one mask per object: each object's class is explained and scored
-                    unknown = sorted(set(mask) - set(classnames))
-                    if unknown:
-                        failures.append({"item": name, "error": f"object masks {unknown} name no class of the "
-                                                                f"classifier ({', '.join(classnames)})"})
-                        continue
-                    chosen += [(k, classnames.index(c), m, f"{name}:{c}", len(mask)) for c, m in mask.items()]
-                elif target == "true":
-                    cls = name.split("/")[0]
-                    if cls not in classnames:
-                        failures.append({"item": name, "error": f"class folder {cls!r} is not in the classes"})
-                        continue
-                    chosen.append((k, classnames.index(cls), mask, name, 1))
-                else:
-                    chosen.append((k, int(logits[k].argmax()), mask, name, 1))
-            if not chosen:
-                pending.clear()
-                save()
-                return
-            if method == "decomposition" and not options:
-                class_maps = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c, *_ in chosen])
-            else:
-                picked = [k for k, *_ in chosen]
-                try:
-                    class_maps = explain_eval.target_maps(loaded.model, x[picked], T, [c for _, c, *_ in chosen],
-                                                          method, **options)
-                except TypeError as exc:
-                    raise BadInputError(f"method {method!r}: {exc}") from exc
-            for (k, c, mask, item, n_objects), m in zip(chosen, class_maps):
-                im = pending[k][1]
-                up = upsample(m.cpu(), x.shape[-2:]).numpy()
-                rows.append({"item": item, "index": len(rows), "class": classnames[c], "objects": n_objects,
-                             **metrics.segmentation_row(metrics.normalise_map(up), mask)})
-                if out is not None and progress["samples"] < samples:
-                    shown = im.resize((x.shape[-1], x.shape[-2]))
-                    sample_figure(shown, metrics.normalise_map(up), mask,
-                                  f"{item}: {target} class {classnames[c]!r}, {method} (the protocol's map: "
-                                  f"clipped at 0, min-max)", out / f"sample_{progress['samples']:02d}.png")
-                    progress["samples"] += 1
-            pending.clear()
-            save()  # a batch's rows are saved whole or not at all
-
-        def align(m):  # a mask through the preprocessing's geometric steps
-            return seg.mask_array(to_mask(Image.fromarray(m.astype(np.uint8) * 255)))
-
-        for name, im, mask, err in tqdm(entries, disable=quiet, desc="segmentation", unit="img"):
-            consumed += 1
-            if err is not None:
-                failures.append({"item": str(name), "error": err})
-                continue
-            aligned = {c: align(m) for c, m in mask.items()} if isinstance(mask, dict) else align(mask)
-            pending.append((str(name), im, aligned))
-            if len(pending) == batch_size:
-                flush()
-        if pending:
-            flush()
-        save()
-        if not rows:
-            raise BadInputError(f"no usable entries in {data} ({len(failures)} failed)")
-        res = metrics.aggregate_segmentation(rows)
-        counts = sorted({r.get("objects", 1) for r in rows})
-        if counts != [1]:  # per-object scores: rows of images with one object, and of images with several
-            res["by_objects"] = {str(n): metrics.aggregate_segmentation([r for r in rows if r.get("objects", 1) == n])
-                                 for n in counts}
-        res["failures"] = failures
-        if out is not None:
-            with open(out / "per_image.csv", "w", newline="") as f:
-                fields = list(dict.fromkeys(k for r in rows for k in r))  # rows resumed from older runs lack some
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
-            (out / "segmentation.json").write_text(json.dumps(res, indent=1))
-            run.write_run_json(dict(data=str(data), model=loaded.name, pretrained=loaded.pretrained, target=target,
-                                    method=method, options=options), model_fingerprint=loaded.fingerprint)
-    return res
+    settings = _eval_settings(loaded, method, options, W, classnames, data=source.identity, target=target)
+    ev = SegmentationEvaluation(loaded, W, classnames, method=method, options=options, target=target,
+                                samples=samples, out=Path(output) if output is not None else None)
+    return run_evaluation(ev, source, output, settings, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
+                          notify=notify, fingerprint=loaded.fingerprint,
+                          arguments=dict(data=str(data), model=loaded.name, pretrained=loaded.pretrained,
+                                         target=target, method=method, options=options))
 
 
 @job
@@ -467,87 +354,31 @@ def evaluate_perturbation(images, output=None, model="shapes", pretrained=None, 
     `limit`: a seeded sample (`seed`) of that many images spread over the classes (`sample_across_classes`), not the
     first files in sorted order.
     """
-    import torch
-    from tqdm.auto import tqdm
+    from .datasets import ImageList, ImageListSource
+    from .evals.perturbation import PerturbationEvaluation
+    from .evaluation import run_evaluation
 
-    from .datasets import ImageDataset, ImageList, collate_with_failures
-    from .visualize import perturbation_plot
-
-    FRACTIONS = explain_eval.FRACTIONS
     options = dict(options or {})
     loaded = resolve_model(model, pretrained, device)
-    dev = engine.model_device(loaded.model)
     items = images if isinstance(images, ImageList) else ImageList.from_path(images)
     W, classnames = zero_shot_classifier(loaded, classes, templates, classifier, default_classes=items.classes)
-    Wt = torch.from_numpy(W).to(dev)
     if limit and limit < len(items):
         items = sample_across_classes(items, limit, seed)
     # the label of an image: its class folder's name among the classes; without folders, the clean prediction
     has_labels = all(lab >= 0 for lab in items.labels) and bool(items.classes)
+    labels = None
     if has_labels:
         missing = sorted(set(items.classes) - set(classnames))
         if missing:
             raise BadInputError(f"class folders not in the classifier's classes: {missing[:5]}")
+        labels = [classnames.index(items.classes[y]) for y in items.labels]
     settings = _eval_settings(loaded, method, options, W, classnames, images_digest=items.digest,
                               n_images=len(items), target="class folder" if has_labels else "unperturbed prediction")
-    run = RunFolder(output, "perturb-eval", settings, overwrite=overwrite,
-                    progress_name="perturbation_progress.json") if output is not None else None
-    with run if run is not None else _nothing():
-        fresh = dict(next_index=0, n=0, failures=[], counts={k: [0] * len(FRACTIONS) for k in ("positive",
-                                                                                                 "negative")})
-        progress = run.load_progress(fresh) if run is not None else dict(settings, **fresh)
-        counts = {k: np.asarray(progress["counts"][k], np.int64) for k in ("positive", "negative")}
-        n, failures, start = progress["n"], progress["failures"], progress["next_index"]
-        if start:
-            notify(f"resuming at image {start} of {len(items)} ({n} done)" if start < len(items) else
-                   f"all {len(items)} images were done before; writing the results again")
-        loader = torch.utils.data.DataLoader(ImageDataset(items, loaded.preprocess, indices=range(start, len(items))),
-                                             batch_size=batch_size, collate_fn=collate_with_failures)
-        for idx, x, bad, _ in tqdm(loader, disable=quiet, desc=f"perturbation ({method})", unit="batch"):
-            failures += [{"item": items.paths[i], "error": e} for i, e in bad]
-            progress["next_index"] = max(list(idx) + [i for i, _ in bad]) + 1
-            if x is None:
-                if run is not None:
-                    run.save_progress(progress)
-                continue
-            x = x.to(dev)
-            with torch.no_grad():
-                e = engine.library_image_embedding(loaded.model, x)
-                pred = (torch.nn.functional.normalize(e, dim=-1) @ Wt).argmax(dim=1)
-            labels = torch.tensor([classnames.index(items.classes[items.labels[i]]) for i in idx]) if has_labels \
-                else pred.cpu()
-            try:
-                maps = explain_eval.target_maps(loaded.model, x, Wt.t(), pred.tolist(), method, **options)
-            except TypeError as exc:
-                raise BadInputError(f"method {method!r}: {exc}") from exc
-            c = explain_eval.perturbation_counts(loaded.model, x, maps, Wt, labels, FRACTIONS)
-            for k in counts:
-                counts[k] += c[k]
-            n += x.shape[0]
-            progress.update(n=n, failures=failures, counts={k: v.tolist() for k, v in counts.items()})
-            if run is not None:
-                run.save_progress(progress)  # a batch's counts are saved whole or not
-        if n == 0:
-            raise BadInputError(f"no readable images in {images} ({len(failures)} failed)")
-        acc = {k: 100.0 * v / n for k, v in counts.items()}
-        steps = [{"fraction": f, "positive_accuracy": float(acc["positive"][i]),
-                  "negative_accuracy": float(acc["negative"][i])} for i, f in enumerate(FRACTIONS)]
-        result = {"method": method, "options": options, "n_images": n, "target": settings["target"],
-                  "positive_auc": explain_eval.area_under(FRACTIONS, acc["positive"]),
-                  "negative_auc": explain_eval.area_under(FRACTIONS, acc["negative"]),
-                  "steps": steps, "removal": "patches set to 0 in the normalised image (preprocessing mean colour)",
-                  "failures": failures}
-        if run is not None:
-            out = Path(output)
-            (out / "perturbation.json").write_text(json.dumps(result, indent=1))
-            with open(out / "perturbation.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(steps[0]))
-                w.writeheader()
-                w.writerows(steps)
-            perturbation_plot(out / "perturbation.png", FRACTIONS, acc, method)
-            run.write_run_json(dict(images=str(images), model=loaded.name, pretrained=loaded.pretrained,
-                                    method=method, options=options, limit=limit), model_fingerprint=loaded.fingerprint)
-    return result
+    ev = PerturbationEvaluation(loaded, W, classnames, method=method, options=options, labels=labels)
+    return run_evaluation(ev, ImageListSource(items, loaded.preprocess), output, settings, batch_size=batch_size,
+                          overwrite=overwrite, quiet=quiet, notify=notify, fingerprint=loaded.fingerprint,
+                          arguments=dict(images=str(images), model=loaded.name, pretrained=loaded.pretrained,
+                                         method=method, options=options, limit=limit))
 
 
 __all__ = ["Comparison", "HeatmapResult", "compare_methods", "draw_heatmaps", "evaluate_perturbation",

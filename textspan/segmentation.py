@@ -63,14 +63,15 @@ def mat_entries(path) -> int:
                          f"{exc}") from exc
 
 
-def iter_mat(path, start: int = 0) -> Iterator[Tuple[int, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
+def iter_mat(path, start: int = 0, stop: Optional[int] = None
+             ) -> Iterator[Tuple[int, Optional[Image.Image], Optional[np.ndarray], Optional[str]]]:
     """(index, RGB image, mask, error) for each entry of gtsegs_ijcv.mat (HDF5: object references under value/img
-    and value/gt), from entry `start` on. A broken entry yields its error instead of stopping the iteration."""
+    and value/gt), entries [start, stop). A broken entry yields its error instead of stopping the iteration."""
     import h5py
 
     with h5py.File(path, "r") as f:
         refs_img, refs_gt = f["value/img"], f["value/gt"]
-        for i in range(start, refs_img.shape[0]):
+        for i in range(start, refs_img.shape[0] if stop is None else min(stop, refs_img.shape[0])):
             try:
                 img = np.array(f[refs_img[i, 0]]).transpose(2, 1, 0)  # stored as [3, W, H]
                 gt_ref = f[refs_gt[i, 0]]
@@ -112,17 +113,17 @@ def object_masks(folder: Path) -> Dict[str, np.ndarray]:
     return found
 
 
-def iter_folder(folder, start: int = 0) -> Iterator[Tuple[str, Optional[Image.Image],
+def iter_folder(folder, start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[str, Optional[Image.Image],
                                                          Optional[Union[np.ndarray, Dict[str, np.ndarray]]],
                                                          Optional[str]]]:
     """(name, RGB image, mask, error) for FOLDER/images/** with masks at the same relative path (any extension
     for the image, .png for the mask) under FOLDER/masks/, from the `start`-th image on. Images with several
     objects: a folder FOLDER/masks/REL (REL without its extension) holding one CLASS.png per object; then `mask` is
-    {class: mask} (the folder is read when both it and a single mask exist)."""
+    {class: mask} (the folder is read when both it and a single mask exist). `stop`: the image to stop before."""
     from .datasets import load_rgb
 
     root = Path(folder)
-    for p in folder_images(folder)[start:]:
+    for p in folder_images(folder)[start:stop]:
         rel = p.relative_to(root / "images")
         try:
             per_object = (root / "masks" / rel).with_suffix("")
@@ -152,3 +153,32 @@ def write_mat(path, images: List[np.ndarray], masks: List[np.ndarray]) -> None:
             inner[0, 0] = d_gt.ref
             img_refs[i, 0] = d_img.ref
             gt_refs[i, 0] = inner.ref
+
+
+class SegmentationSource:
+    """The entries of a segmentation dataset (gtsegs_ijcv.mat or an images/ + masks/ folder) for
+    `textspan.evaluation.run_evaluation`: value = (RGB image, mask or {class: mask})."""
+
+    def __init__(self, data):
+        import hashlib
+
+        self.data = data
+        self.is_mat = Path(data).is_file()
+        if self.is_mat:
+            self.n = mat_entries(data)
+            self.identity = f"{Path(data).resolve()} ({Path(data).stat().st_size} bytes, {self.n} entries)"
+        else:
+            listed = folder_images(data)
+            self.n = len(listed)
+            self.identity = hashlib.sha256("\n".join(str(q.relative_to(Path(data))) for q in listed).encode()
+                                           ).hexdigest()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def entries(self, start: int, stop: int):
+        from .evaluation import Entry
+
+        it = iter_mat(self.data, start, stop) if self.is_mat else iter_folder(self.data, start, stop)
+        for k, (name, im, mask, err) in enumerate(it):
+            yield Entry(start + k, str(name), None if err else (im, mask), err)
