@@ -18,6 +18,7 @@ folder's lock and checks the settings; a refusal stops every rank with rank 0's 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence
@@ -150,6 +151,7 @@ def _score_range(ev: Evaluation, source: Source, start: int, stop: int, batch_si
 
     def flush(next_position: int):
         nonlocal state
+        t0 = time.perf_counter()
         good = [e for e in batch if e.error is None]
         failures.extend({"item": e.name, "error": e.error} for e in batch if e.error is not None)
         if good:
@@ -157,7 +159,9 @@ def _score_range(ev: Evaluation, source: Source, start: int, stop: int, batch_si
             failures.extend(part.pop("failures", []))
             state = ev.merge([state, part])
         progress.update(state)
-        progress.update({ev.cursor: next_position, "failures": failures})
+        # seconds spent scoring, over every session of the run (the results files stay free of timings)
+        seconds = float(progress.get("seconds", 0.0)) + time.perf_counter() - t0
+        progress.update({ev.cursor: next_position, "failures": failures, "seconds": round(seconds, 4)})
         if run is not None:
             run.save_progress(progress)  # a batch's part is saved whole or not at all
         bar.update(len(batch))

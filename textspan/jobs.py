@@ -907,7 +907,7 @@ def debias_cache(cache, output=None, *, reference=None, same_set: bool = False, 
 
 @job
 def write_shapes_world(output, n: int = 1000, *, seed: int = 0, objects: int = 1, spurious: Optional[str] = None,
-                       overwrite: bool = False) -> Path:
+                       layout: str = "folders", overwrite: bool = False) -> Path:
     """Write generated shapes-world images (ImageFolder layout by shape), their masks and metadata.csv.
 
     OUTPUT/images/SHAPE/NNNNNN.png, OUTPUT/masks/SHAPE/NNNNNN.png (255 = object; with two objects, their union),
@@ -915,11 +915,23 @@ def write_shapes_world(output, n: int = 1000, *, seed: int = 0, objects: int = 1
     OUTPUT/masks/SHAPE/NNNNNN/CLASS.png (the layout `evaluate_segmentation` scores per object; two objects of one
     shape share their class's mask). `spurious`: "train"/"val"/"test" for the Waterbirds-like world. A folder that
     holds another world (other n, seed, objects or spurious setting) is refused unless ``overwrite``, which first
-    removes its images and masks."""
+    removes its images and masks.
+
+    ``layout="imagenet-s"``: OUTPUT/validation/SHAPE/NNNNNN.JPEG and OUTPUT/validation-segmentation/SHAPE/NNNNNN.png
+    (class id R + 256 * G: the shape's position in sorted order + 1, 0 background) with ImageNetS_categories.txt;
+    ``layout="openimages"``: OUTPUT/validation/NNNNNN.jpg with oidv7-val-annotations-point-labels.csv (per shape in
+    the image, 3 "yes" points sampled inside its mask and 3 "no" points outside it, seeded) and
+    oidv7-class-descriptions.csv."""
     from . import world
 
+    if layout not in ("folders", "imagenet-s", "openimages"):
+        raise BadInputError(f"layout must be folders, imagenet-s or openimages; got {layout!r}")
     settings = dict(n=n, seed=seed, objects=int(objects), spurious=spurious)
+    if layout != "folders":
+        settings["layout"] = layout
     out = Path(output)
+    if layout != "folders":
+        return _write_world_layout(out, settings, overwrite)
     with RunFolder(out, "shapes-world", settings, overwrite=overwrite, progress_name="world.json") as run:
         _refuse_other_world(out, run, settings, overwrite, ("images", "masks"))
         spec = None
@@ -948,6 +960,55 @@ def write_shapes_world(output, n: int = 1000, *, seed: int = 0, objects: int = 1
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+        run.save_progress(dict(settings, complete=True))
+        run.write_run_json(dict(settings, world_seed=world_seed))
+    return out
+
+
+def _write_world_layout(out: Path, settings: dict, overwrite: bool) -> Path:
+    """The shapes world in the ImageNet-S or OpenImages-V7 point-label layout (see `write_shapes_world`)."""
+    import shutil
+
+    from . import world
+    from .imagenet import write_imagenet_s
+    from .openimages import write_openimages
+
+    layout, n, seed, objects = settings["layout"], settings["n"], settings["seed"], settings["objects"]
+    spec = world.Spurious(balanced=(settings["spurious"] == "test")) if settings["spurious"] else None
+    world_seed = world.SPLIT_SEEDS[settings["spurious"]] + seed if settings["spurious"] else seed
+    shapes = sorted(world.SHAPES)
+    with RunFolder(out, "shapes-world", settings, overwrite=overwrite, progress_name="world.json") as run:
+        for sub in ("validation", "validation-segmentation"):
+            if overwrite and (out / sub).exists():
+                shutil.rmtree(out / sub)
+        samples = [world.sample(world_seed, i, n_objects=objects, spurious=spec) for i in range(n)]
+        if layout == "imagenet-s":
+            images: Dict[str, list] = {}
+            masks: Dict[str, list] = {}
+            names: Dict[str, list] = {}
+            for i, s in enumerate(samples):
+                ids = np.zeros(s.image.shape[:2], np.int64)
+                for m, o in zip(s.masks, s.objects):
+                    ids[m] = shapes.index(o["shape"]) + 1  # a later object covers an earlier one
+                first = s.labels["shape"]
+                images.setdefault(first, []).append(s.image)
+                masks.setdefault(first, []).append(ids)
+                names.setdefault(first, []).append(f"{i:06d}")
+            write_imagenet_s(out.parent, out.name, shapes, images, masks, names)
+        else:
+            rng = np.random.default_rng(seed + 7919)
+            mids = {sh: f"/m/shape_{sh}" for sh in shapes}
+            rows = []
+            for i, s in enumerate(samples):
+                h, w = s.image.shape[:2]
+                for sh in sorted({o["shape"] for o in s.objects}):
+                    inside = np.any([m for m, o in zip(s.masks, s.objects) if o["shape"] == sh], axis=0)
+                    for want, yn in ((inside, "yes"), (~inside, "no")):
+                        ys, xs = np.nonzero(want)
+                        for k in rng.choice(len(ys), size=min(3, len(ys)), replace=False) if len(ys) else []:
+                            rows.append((f"{i:06d}", (xs[k] + 0.5) / w, (ys[k] + 0.5) / h, mids[sh], yn))
+            write_openimages(out, "val", {f"{i:06d}": s.image for i, s in enumerate(samples)}, rows,
+                             {m: sh for sh, m in mids.items()})
         run.save_progress(dict(settings, complete=True))
         run.write_run_json(dict(settings, world_seed=world_seed))
     return out
