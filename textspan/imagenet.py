@@ -69,11 +69,12 @@ def encode_ids(ids: np.ndarray) -> np.ndarray:
 
 
 def find_subset(root) -> Path:
-    """The folder holding validation/ and validation-segmentation/: `root` itself or its one ImageNetS* child."""
+    """The folder holding validation/ and validation-segmentation/: `root` itself or its one ImageNetS* child
+    (ImageNetS50, ImageNetS300, ImageNetS919, or another subset made the same way)."""
     root = Path(root)
     if (root / "validation").is_dir() and (root / "validation-segmentation").is_dir():
         return root
-    found = [root / s for s in SUBSETS if (root / s / "validation").is_dir()]
+    found = sorted(p for p in root.glob("ImageNetS*") if (p / "validation").is_dir())
     if len(found) == 1:
         return find_subset(found[0])
     if len(found) > 1:

@@ -19,8 +19,9 @@ from ..evaluation import Entry, Evaluation
 
 
 def point_iou(counts: dict) -> dict:
-    """{"p_miou", "per_class": {class: IoU}} from {class: [TP, FP, FN]} (percent; classes with no point left out)."""
-    per = {c: 100.0 * tp / (tp + fp + fn) for c, (tp, fp, fn) in counts.items() if tp + fp + fn > 0}
+    """{"p_miou", "per_class": {class: IoU}} from {class: [TP, FP, FN(, TN)]} (percent; classes with no counted
+    point left out; TN, absent points outside the map, do not enter the IoU)."""
+    per = {c: 100.0 * tp / (tp + fp + fn) for c, (tp, fp, fn, *_) in counts.items() if tp + fp + fn > 0}
     return {"p_miou": float(np.mean(list(per.values()))) if per else 0.0, "per_class": per}
 
 
@@ -50,7 +51,7 @@ class PointsEvaluation(Evaluation):
         counts: dict = {}
         for s in states:
             for c, v in s["counts"].items():
-                counts[c] = [a + b for a, b in zip(counts.get(c, [0, 0, 0]), v)]
+                counts[c] = [a + b for a, b in zip(counts.get(c, [0, 0, 0, 0]), v)]
         return {"counts": {c: counts[c] for c in sorted(counts)},
                 **{k: sum(s[k] for s in states) for k in ("images", "points", "cropped_out")}}
 
@@ -78,7 +79,7 @@ class PointsEvaluation(Evaluation):
             if k not in axes:
                 axes[k] = frame_axes(self.to_mask, img.size)
             inside = binarise(m, self.threshold)
-            tp = fp = fn = 0
+            tp = fp = fn = tn = 0
             for px, py, present in pts[self.classnames[c]]:
                 at = point_in_frame(px, py, *axes[k])
                 if at is None:
@@ -89,8 +90,9 @@ class PointsEvaluation(Evaluation):
                 tp += present and hit
                 fp += (not present) and hit
                 fn += present and not hit
+                tn += (not present) and not hit
             name = self.classnames[c]
-            counts[name] = [a + b for a, b in zip(counts.get(name, [0, 0, 0]), (tp, fp, fn))]
+            counts[name] = [a + b for a, b in zip(counts.get(name, [0, 0, 0, 0]), (tp, fp, fn, tn))]
         return {"counts": counts, "images": len(entries), "points": points, "cropped_out": cropped,
                 "failures": failures}
 
@@ -102,7 +104,7 @@ class PointsEvaluation(Evaluation):
                 "n_images": state["images"], "n_points": state["points"],
                 "points_cropped_out": state["cropped_out"], "n_classes": len(r["per_class"]),
                 "threshold": self.threshold, "per_class_iou": r["per_class"],
-                "per_class_counts": {c: dict(zip(("tp", "fp", "fn"), v)) for c, v in state["counts"].items()}}
+                "per_class_counts": {c: dict(zip(("tp", "fp", "fn", "tn"), v)) for c, v in state["counts"].items()}}
 
     def write(self, out: Path, results: dict, state: dict) -> None:
         (out / "points.json").write_text(json.dumps(results, indent=1))
