@@ -62,6 +62,12 @@ from .image_jobs import (  # noqa: E402
     evaluate_segmentation,
 )
 from .datasets import read_image  # noqa: E402
+from .benchmark import (  # noqa: E402
+    evaluate_deletion_insertion,
+    evaluate_imagenet_s,
+    evaluate_points,
+    run_benchmark,
+)
 from .atlas import AtlasResult, build_atlas  # noqa: E402
 from .models import (  # noqa: E402
     ModelInfo,
@@ -84,5 +90,6 @@ __all__ = [
     "ablate_cache", "cache_images", "debias_cache", "decompose_images", "encode_bank", "evaluate_shapes",
     "label_cache", "measure_completeness", "retrieve_images", "write_shapes_waterbirds", "write_shapes_world",
     "Comparison", "HeatmapResult", "compare_methods", "draw_heatmaps", "evaluate_perturbation",
-    "evaluate_segmentation", "AtlasResult", "build_atlas",
+    "evaluate_segmentation", "evaluate_deletion_insertion", "evaluate_imagenet_s", "evaluate_points",
+    "run_benchmark", "AtlasResult", "build_atlas",
 ]
