@@ -328,3 +328,13 @@ def test_torchrun_evaluation_equals_one_process(layouts, tmp_path):
     assert (tmp_path / "two" / "imagenet_s.json").read_bytes() == (tmp_path / "one" / "imagenet_s.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").glob("*.rank*")) == [
         "imagenet_s_progress.json.rank0-of-2", "imagenet_s_progress.json.rank1-of-2"]
+
+
+def test_imagenet_s_decomposition_fast_path_equals_the_general_one(layouts):
+    # options={"relative": False} changes nothing in the map (evaluations always explain with relative=False) but
+    # takes the general path: explain() per pair instead of one projection of every class
+    fast = textspan.evaluate_imagenet_s(layouts / "ins", None, "shapes", device="cpu", target="predicted")
+    slow = textspan.evaluate_imagenet_s(layouts / "ins", None, "shapes", device="cpu", target="predicted",
+                                        options={"relative": False})
+    assert fast["zero_shot_accuracy"] == slow["zero_shot_accuracy"]
+    np.testing.assert_allclose(list(fast["iou"].values()), list(slow["iou"].values()), atol=1e-6)

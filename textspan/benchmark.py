@@ -95,11 +95,12 @@ def evaluate_deletion_insertion(images, output=None, model="shapes", pretrained=
 
 @job
 def evaluate_imagenet_s(data, output=None, model="shapes", pretrained=None, *, categories=None, templates=None,
-                        method: str = "decomposition", options: Optional[dict] = None, target: str = "true",
+                        classifier=None, method: str = "decomposition", options: Optional[dict] = None, target: str = "true",
                         threshold=0.5, limit: Optional[int] = None, batch_size: int = 16, device=None,
                         overwrite: bool = False, quiet: bool = True, notify: Notify = log.info) -> dict:
     """ImageNet-S zero-shot segmentation mIoU (`textspan.evals.imagenet_s`) on an ImageNet-S folder; the classes are
-    the subset's categories, prompted with CLIP's ImageNet names. Writes imagenet_s.json."""
+    the subset's categories, prompted with CLIP's ImageNet names (or `classifier`: [d', n] columns in category
+    order, an array or .npy). Writes imagenet_s.json."""
     from .evals.imagenet_s import ImageNetSEvaluation
     from .evaluation import run_evaluation
     from .image_jobs import _eval_settings
@@ -112,7 +113,9 @@ def evaluate_imagenet_s(data, output=None, model="shapes", pretrained=None, *, c
     loaded = resolve_model(model, pretrained, device)
     ds = ImageNetS(data, categories)
     src = _Limited(ds, limit)
-    W, classnames = zero_shot_classifier(loaded, ds.names, templates)
+    W, classnames = zero_shot_classifier(loaded, ds.names, templates, classifier)
+    if W.shape[1] != len(ds.names):
+        raise BadInputError(f"classifier has {W.shape[1]} columns; {ds.root} has {len(ds.names)} categories")
     ev = ImageNetSEvaluation(loaded, W, classnames, method=method, options=options, target=target,
                              threshold=threshold)
     settings = _eval_settings(loaded, method, options, W, classnames, data=ds.identity, n_images=len(src),
@@ -125,12 +128,13 @@ def evaluate_imagenet_s(data, output=None, model="shapes", pretrained=None, *, c
 
 
 @job
-def evaluate_points(data, output=None, model="shapes", pretrained=None, *, templates=None,
+def evaluate_points(data, output=None, model="shapes", pretrained=None, *, templates=None, classifier=None,
                     method: str = "decomposition", options: Optional[dict] = None, threshold=0.5,
                     limit: Optional[int] = None, batch_size: int = 16, device=None, overwrite: bool = False,
                     quiet: bool = True, notify: Notify = log.info) -> dict:
     """p-mIoU on OpenImages-V7 point labels (`textspan.evals.points`); the classes are the names of the MIDs with a
-    'yes' point. Writes points.json; the reader's notes (points left out) are in the results."""
+    'yes' point (or `classifier`: columns in the order of `OpenImagesPoints(data).classes`). Writes points.json; the
+    reader's notes (points left out) are in the results."""
     from .evals.points import PointsEvaluation
     from .evaluation import run_evaluation
     from .image_jobs import _eval_settings
@@ -141,7 +145,9 @@ def evaluate_points(data, output=None, model="shapes", pretrained=None, *, templ
     loaded = resolve_model(model, pretrained, device)
     ds = OpenImagesPoints(data)
     src = _Limited(ds, limit)
-    W, classnames = zero_shot_classifier(loaded, ds.classes, templates)
+    W, classnames = zero_shot_classifier(loaded, ds.classes, templates, classifier)
+    if W.shape[1] != len(ds.classes):
+        raise BadInputError(f"classifier has {W.shape[1]} columns; {ds.points_file} names {len(ds.classes)} classes")
     ev = PointsEvaluation(loaded, W, classnames, method=method, options=options, threshold=threshold)
     settings = _eval_settings(loaded, method, options, W, classnames, data=ds.identity, n_images=len(src),
                               threshold=threshold)

@@ -67,12 +67,25 @@ class ImageNetSEvaluation(Evaluation):
         from ._maps import binarise, ids_in_frame, pair_maps
 
         x = torch.stack([self.loaded.preprocess(e.value[0]) for e in entries]).to(self.dev)
-        with torch.no_grad():
-            emb = engine.library_image_embedding(self.loaded.model, x).float()
-            pred = (torch.nn.functional.normalize(emb, dim=-1) @ self.T.t().float().to(emb.device)).argmax(1)
         true = [e.value[2] - 1 for e in entries]  # class columns (id - 1)
-        cols = true if self.target == "true" else pred.tolist()
-        maps = pair_maps(self.loaded, x, self.T, list(enumerate(cols)), self.method, self.options).numpy()
+        if self.method == "decomposition" and not self.options:
+            # one forward gives the maps of every class and the zero-shot logits (as segment-eval does)
+            from ..decomposition import project
+            from ..heatmaps import patch_maps
+            from ..visualize import upsample
+
+            p = project(self.loaded.model, x, self.T)
+            pred = p.total().argmax(1)
+            rel = patch_maps(p, engine.read_tower(self.loaded.model).grid_size, relative=False)  # [b, C, g, g]
+            cols = true if self.target == "true" else pred.tolist()
+            own = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c in enumerate(cols)])
+            maps = upsample(own.detach().float().cpu(), x.shape[-2:]).numpy()
+        else:
+            with torch.no_grad():
+                emb = engine.library_image_embedding(self.loaded.model, x).float()
+                pred = (torch.nn.functional.normalize(emb, dim=-1) @ self.T.t().float().to(emb.device)).argmax(1)
+            cols = true if self.target == "true" else pred.tolist()
+            maps = pair_maps(self.loaded, x, self.T, list(enumerate(cols)), self.method, self.options).numpy()
         acc = {k: np.zeros(self.n + 1, np.int64) for k in ("tp", "pred", "true")}
         for e, c, m in zip(entries, cols, maps):
             gt = ids_in_frame(self.to_mask, e.value[1])
