@@ -4,7 +4,6 @@ refusals, locks, run.json) live in the library. A `TextspanError` becomes a one-
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -368,137 +367,6 @@ def perturb_eval(images, model_name, pretrained, device, classifier, classes, te
                f"{r['negative_auc']:.2f} (higher is better); {r['n_images']} images, {len(r['failures'])} failed")
 
 
-def _distributed(device):
-    """(rank, device for this rank): torch.distributed initialised when launched by torchrun."""
-    from .cache import init_distributed
-    from .jobs import default_device
-
-    _, rank, device = init_distributed(device or default_device())
-    return rank, device
-
-
-_THRESHOLD = click.option("--threshold", default="0.5", show_default=True,
-                          help="binarisation of the min-max normalised map: a number in [0, 1) or 'mean'.")
-
-
-@main.command("deletion-eval")
-@click.argument("images", type=click.Path(exists=True))
-@model_options
-@classifier_options
-@method_options
-@click.option("--target", type=click.Choice(["true", "predicted"]), default="true", show_default=True,
-              help="the class explained: the class folder's (published *_gt) or the prediction.")
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--every", default=10, show_default=True, type=click.IntRange(min=1),
-              help="classify after every N steps.")
-@click.option("--max-side", default=640, show_default=True, type=click.IntRange(min=1),
-              help="images whose shorter side is longer are resized to it first (published).")
-@click.option("--start", type=click.Choice(["black", "blur"]), default="black", show_default=True,
-              help="insertion's first image: black (published) or a blurred copy.")
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="a seeded sample of N images over the "
-              "classes.")
-@click.option("--seed", default=0, show_default=True, help="seed of the random colours (and of --limit).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@run_options
-def deletion_eval(images, model_name, pretrained, device, classifier, classes, templates, method, method_option,
-                  target, steps, every, max_side, start, limit, seed, batch_size, output, overwrite, quiet):
-    """Grad-ECLIP's deletion and insertion curves of an explainer -> deletion_insertion.json/.csv/.png (resumable;
-    sharded under torchrun)."""
-    from .benchmark import evaluate_deletion_insertion
-
-    rank, device = _distributed(device)
-    r = evaluate_deletion_insertion(images, output, model_name, pretrained, classes=classes, templates=templates,
-                                    classifier=classifier, method=method,
-                                    options=_method_options(method, method_option), target=target, steps=steps,
-                                    every=every, max_side=max_side, start=start, seed=seed, limit=limit,
-                                    batch_size=batch_size, device=device, overwrite=overwrite, quiet=quiet,
-                                    notify=notify)
-    if rank == 0:
-        click.echo(f"{method}: deletion AUC {r['deletion_auc']:.2f} (lower is better), insertion AUC "
-                   f"{r['insertion_auc']:.2f} (higher is better), top-1; {r['n_images']} images, "
-                   f"{len(r['failures'])} failed")
-
-
-@main.command("imagenet-s-eval")
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
-@model_options
-@click.option("--categories", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="ImageNetS_categories_im*.txt (default: found beside the data, else the sorted class folders).")
-@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
-@method_options
-@click.option("--target", type=click.Choice(["true", "predicted"]), default="true", show_default=True)
-@_THRESHOLD
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="the first N images.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@run_options
-def imagenet_s_eval(data, model_name, pretrained, device, categories, templates, method, method_option, target,
-                    threshold, limit, batch_size, output, overwrite, quiet):
-    """ImageNet-S zero-shot segmentation mIoU of an explainer -> imagenet_s.json (resumable; sharded under
-    torchrun)."""
-    from .benchmark import evaluate_imagenet_s
-
-    rank, device = _distributed(device)
-    r = evaluate_imagenet_s(data, output, model_name, pretrained, categories=categories, templates=templates,
-                            method=method, options=_method_options(method, method_option), target=target,
-                            threshold=threshold, limit=limit, batch_size=batch_size, device=device,
-                            overwrite=overwrite, quiet=quiet, notify=notify)
-    if rank == 0:
-        click.echo(f"{method}: mIoU {r['miou']:.2f}% over all {len(r['iou'])} ids (present classes: "
-                   f"{r['miou_present']:.2f}%); {r['n_images']} images, {len(r['failures'])} failed")
-
-
-@main.command("points-eval")
-@click.argument("data", type=click.Path(exists=True))
-@model_options
-@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
-@method_options
-@_THRESHOLD
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="the first N images.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@run_options
-def points_eval(data, model_name, pretrained, device, templates, method, method_option, threshold, limit,
-                batch_size, output, overwrite, quiet):
-    """p-mIoU of an explainer on OpenImages-V7 point labels -> points.json (resumable; sharded under torchrun)."""
-    from .benchmark import evaluate_points
-
-    rank, device = _distributed(device)
-    r = evaluate_points(data, output, model_name, pretrained, templates=templates, method=method,
-                        options=_method_options(method, method_option), threshold=threshold, limit=limit,
-                        batch_size=batch_size, device=device, overwrite=overwrite, quiet=quiet, notify=notify)
-    if rank == 0:
-        click.echo(f"{method}: p-mIoU {r['p_miou']:.2f}% over {r['n_classes']} classes ({r['n_points']} points, "
-                   f"{r['n_images']} images, {len(r['failures'])} failed)")
-        for note in r.get("notes", []):
-            click.echo(f"  note: {note}")
-
-
-@main.command("benchmark")
-@click.argument("data", type=click.Path(exists=True))
-@click.option("--methods", default="all", show_default=True,
-              help="'all' (every method defined on the model's tower) or comma-separated names.")
-@click.option("--evaluations", default=None, help="comma-separated (default: every one the dataset supports).")
-@model_options
-@click.option("--classes", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="class names (one per line), for datasets that do not name their classes.")
-@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="N images per evaluation.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@run_options
-def benchmark(data, methods, evaluations, model_name, pretrained, device, classes, templates, limit, seed,
-              batch_size, output, overwrite, quiet):
-    """Every method x every evaluation DATA supports, one resumable folder each -> leaderboard.csv/.md/.png."""
-    from .benchmark import run_benchmark
-
-    _, device = _distributed(device)
-    r = run_benchmark(data, output, model_name, pretrained, methods=methods, evaluations=evaluations,
-                      classes=classes, templates=templates, limit=limit, seed=seed, batch_size=batch_size,
-                      device=device, overwrite=overwrite, quiet=quiet, notify=notify)
-    click.echo(f"{len(r['methods'])} methods x {', '.join(r['evaluations'])} on {data} ({r['kind']}): "
-               f"{Path(output) / 'leaderboard.md'}")
-    click.echo((Path(output) / "leaderboard.md").read_text())
-
-
 @main.command()
 @_IMAGES
 @click.option("--methods", default=None, help="comma-separated explainers (default: every method of "
@@ -536,6 +404,8 @@ def atlas(cache_dir, labels, ablations, n_images, map_images, model_name, pretra
     click.echo(f"{r.n_heads} head pages, {r.n_thumbnails} thumbnails, {r.n_maps} map figures, "
                f"{r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s -> {output}/index.html")
 
+
+from . import cli_eval  # noqa: E402,F401  (registers the evaluation, benchmark and neuron commands)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

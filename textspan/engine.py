@@ -73,7 +73,8 @@ class Block:
         scale_attn, scale_mlp: layer-scale callables; scale_attn_gamma, scale_mlp_gamma their vectors (None: no
         layer scale).
         fc_in, act, fc_out: the MLP's parts when it is Linear -> elementwise activation -> Linear (else None);
-        norm_mlp_affine: (weight, bias, eps) of norm_mlp when it is a LayerNorm (else None).
+        norm_mlp_affine, norm_attn_affine: (weight, bias, eps) of norm_mlp / norm_attn when it is a LayerNorm (else
+        None).
         inner_norm, inner_norm_affine: a LayerNorm over the concatenated heads before the output projection (EVA;
         None elsewhere): attn(x) = W_out inner_norm(heads) + b_out.
         rope: rotary position embeddings applied to q and k after the qk-norm (EVA; None elsewhere).
@@ -110,6 +111,8 @@ class Block:
     post_norm_attn: Optional[Callable] = None
     post_norm_attn_affine: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]] = None
     post_norm_mlp: Optional[Callable] = None
+    # (weight, bias, eps) of norm_attn when it is a LayerNorm (the neurons' second-order effects linearise it)
+    norm_attn_affine: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]] = None
 
     @property
     def d_model(self) -> int:

@@ -5,6 +5,7 @@
     deletion_insertion  Grad-ECLIP's pixel deletion and insertion curves (top-1/5/10)          evals/deletion.py
     imagenet_s          ImageNet-S semantic segmentation mIoU (ignore label 1000)               evals/imagenet_s.py
     points              OpenImages-V7 point labels, p-mIoU                                      evals/points.py
+    neuron_ablation     mean-ablation of neurons' second-order effects (accuracy)                evals/neuron_ablation.py
 
 Adding an evaluation: a module with an `Evaluation` subclass (score / merge / finish / write) and one line in
 `EVALUATIONS`; `textspan benchmark` then runs it on every dataset kind that lists it (`textspan.benchmark`).
@@ -17,6 +18,7 @@ EVALUATIONS = {
     "deletion_insertion": "textspan.evals.deletion:DeletionInsertionEvaluation",
     "imagenet_s": "textspan.evals.imagenet_s:ImageNetSEvaluation",
     "points": "textspan.evals.points:PointsEvaluation",
+    "neuron_ablation": "textspan.evals.neuron_ablation:NeuronAblationEvaluation",
 }
 
 

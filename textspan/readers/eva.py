@@ -127,6 +127,7 @@ def _block(trunk, block, n_patches: int) -> Block:
         scale_mlp=(lambda t, g=gamma_2: g * t) if gamma_2 is not None else identity, scale_mlp_gamma=gamma_2,
         fc_in=None, act=None, fc_out=None,  # SwiGLU (two input projections, an inner norm): not Linear-act-Linear
         norm_mlp_affine=affine(block.norm2) if isinstance(block.norm2, torch.nn.LayerNorm) and not post else None,
+        norm_attn_affine=affine(block.norm1) if isinstance(block.norm1, torch.nn.LayerNorm) and not post else None,
         inner_norm=inner, inner_norm_affine=affine(inner) if inner is not None else None,
         rope=_rope(trunk, attn, n_patches),
         post_norm_attn=block.norm1 if post else None, post_norm_attn_affine=affine(block.norm1) if post else None,

@@ -90,6 +90,7 @@ def _block(block) -> Block:
         act=mlp.gelu if simple_mlp else None,
         fc_out=mlp.c_proj if simple_mlp else None,
         norm_mlp_affine=affine(block.ln_2) if isinstance(block.ln_2, torch.nn.LayerNorm) else None,
+        norm_attn_affine=affine(block.ln_1) if isinstance(block.ln_1, torch.nn.LayerNorm) else None,
         inner_norm=inner,
         inner_norm_affine=affine(inner) if inner is not None else None,
     )

@@ -66,6 +66,7 @@ def _block(block) -> Block:
         norm_mlp=block.norm2, mlp=mlp, scale_mlp=as_callable(block.ls2), scale_mlp_gamma=gamma(block.ls2),
         fc_in=mlp.fc1, act=mlp.act, fc_out=mlp.fc2,
         norm_mlp_affine=affine(block.norm2) if isinstance(block.norm2, torch.nn.LayerNorm) else None,
+        norm_attn_affine=affine(block.norm1) if isinstance(block.norm1, torch.nn.LayerNorm) else None,
     )
 
 

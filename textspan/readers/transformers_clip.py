@@ -50,6 +50,7 @@ def _block(layer) -> Block:
         scale_attn=identity, scale_attn_gamma=None, norm_mlp=layer.layer_norm2, mlp=mlp, scale_mlp=identity,
         scale_mlp_gamma=None, fc_in=mlp.fc1, act=mlp.activation_fn, fc_out=mlp.fc2,
         norm_mlp_affine=affine(layer.layer_norm2),
+        norm_attn_affine=affine(layer.layer_norm1),
     )
 
 

@@ -1,0 +1,115 @@
+"""The neuron jobs: principal directions and the sparse decomposition against their definitions, the whole
+`neurons` job on the built-in model (outputs, resume after a kill, refusals) and the neuron ablation."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import textspan
+from textspan.cli import main
+from textspan.errors import BadInputError, TextspanError
+from textspan.neuron_jobs import (ablate_neurons, analyse_neurons, principal_directions, sparse_decomposition,
+                                  text_dictionary)
+
+
+def test_sparse_decomposition_recovers_an_exact_sparse_combination():
+    rng = np.random.default_rng(0)
+    D = rng.normal(size=(40, 16))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    target = np.stack([2.0 * D[3] - 1.5 * D[17], 0.7 * D[5] + 0.2 * D[30] - 1.1 * D[39]])
+    coef, cos = sparse_decomposition(target, D, 3)
+    assert set(np.flatnonzero(coef[0])) <= {3, 17} and coef[0, 3] == pytest.approx(2.0) \
+        and coef[0, 17] == pytest.approx(-1.5)
+    assert set(np.flatnonzero(coef[1])) == {5, 30, 39} and coef[1, 39] == pytest.approx(-1.1)
+    np.testing.assert_allclose(cos, 1.0)
+    with pytest.raises(BadInputError, match="40 texts: too few for 41 components"):
+        sparse_decomposition(target, D, 41)
+
+
+def test_text_dictionary_is_the_published_normalisation():
+    t = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])
+    d = text_dictionary(t)
+    c = t - t.mean(axis=0)
+    np.testing.assert_allclose(d, c / np.linalg.norm(c, axis=0))  # each dimension over the texts
+
+
+def test_principal_directions_sign_and_share():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=8)
+    v /= np.linalg.norm(v)
+    rows = np.outer(rng.uniform(0.5, 2.0, 30) * np.r_[np.ones(20), -np.ones(10)], v) + 0.01 * rng.normal(size=(30, 8))
+    dirs, share = principal_directions(rows[None])
+    assert dirs[0] @ v > 0.99  # 20 of 30 project positively on +v: the sign is +v
+    _, s, _ = np.linalg.svd(rows, full_matrices=False)
+    assert share[0] == pytest.approx(s[0] ** 2 / np.sum(s ** 2))
+    dirs, _ = principal_directions(-rows[None])
+    assert dirs[0] @ v < -0.99
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nw")
+    textspan.write_shapes_world(root / "w", 24, seed=6)
+    return root / "w" / "images"
+
+
+def test_neurons_job_resumes_after_a_kill(world, tmp_path, monkeypatch):
+    import textspan.neurons as nmod
+
+    common = dict(layer=-2, bank="shapes", components=3, top_k=5, batch_size=4, device="cpu")
+    whole = analyse_neurons(world, tmp_path / "whole", "shapes", **common)
+    W = whole.pca.shape[0]
+    assert whole.norms.shape == (24, W) and whole.top.shape == (W, 5) and len(whole.texts) == W
+    assert np.all(np.isfinite(whole.norms)) and (whole.explained > 0).all()
+    # the top images are the largest centred norms of norms.npy, neuron by neuron
+    np.testing.assert_array_equal(np.sort(whole.norms, axis=0)[::-1][:5].T,
+                                  np.take_along_axis(whole.norms.T, whole.top, axis=1))
+    real, calls = nmod.neuron_effects, []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 9:  # pass 2's third batch (6 batches per pass)
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(nmod, "neuron_effects", dies)
+    with pytest.raises(KeyboardInterrupt):
+        analyse_neurons(world, tmp_path / "cut", "shapes", **common)
+    monkeypatch.setattr(nmod, "neuron_effects", real)
+    seen = []
+    again = analyse_neurons(world, tmp_path / "cut", "shapes", notify=seen.append, **common)
+    assert seen == ["resuming pass 2 (top 5 per neuron) at image 8 of 24"]
+    for name in ("pca", "mean", "explained", "threshold", "top_index"):
+        np.testing.assert_array_equal(np.load(tmp_path / "cut" / f"{name}.npy"),
+                                      np.load(tmp_path / "whole" / f"{name}.npy"))
+    for name in ("neurons.csv", "top_images.csv", "decomposition.json"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    np.testing.assert_array_equal(again.norms, whole.norms)
+    with pytest.raises(TextspanError, match=r"other settings \(layer\)"):
+        analyse_neurons(world, tmp_path / "cut", "shapes", **dict(common, layer=1))
+
+
+def test_neurons_job_refusals(world, tmp_path):
+    with pytest.raises(BadInputError, match="too few for 999 components"):
+        analyse_neurons(world, tmp_path / "a", "shapes", bank="shapes", components=999, device="cpu")
+    with pytest.raises(BadInputError, match="the last block"):
+        analyse_neurons(world, tmp_path / "b", "shapes", layer=-1, device="cpu")
+    r = CliRunner().invoke(main, ["neurons", str(world), "--layer", "9", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "out of range" in r.output
+
+
+def test_neuron_ablation_through_the_cli(world, tmp_path):
+    r = CliRunner().invoke(main, ["neurons", str(world), "--layer", "1", "--top-k", "4", "--quiet",
+                                  "-o", str(tmp_path / "n")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["neurons-ablate", str(tmp_path / "n"), str(world), "--quiet",
+                                  "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "a" / "neuron_ablation.json").read_text())
+    acc = res["accuracy"]
+    assert res["n_images"] == 24 and set(acc) == {"baseline", "without_all", "without_significant",
+                                                   "without_insignificant", "projected_on_pc"}
+    assert acc["baseline"] > 50  # the built-in model reads shapes
+    direct = ablate_neurons(tmp_path / "n", world, None, device="cpu")
+    assert direct["accuracy"] == acc
