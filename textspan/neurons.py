@@ -149,7 +149,7 @@ def _mlp_columns(tower: Tower, layer: int, like):
 
 
 def neuron_directions(model, layer: int) -> torch.Tensor:
-    """[L - l - 1, H, d', W]: the image-independent direction of each neuron through each later head,
+    """[L - l - 1, W, H, d']: the image-independent direction of each neuron through each later head,
     P^T diag(gp ls1) O_h V_h diag(g1) c_n (its second-order effect is a per-image scalar times this, plus a part the
     same for every neuron)."""
     tower = read_tower(model)
@@ -168,7 +168,7 @@ def _directions(tower: Tower, layer: int, like) -> torch.Tensor:
         O, V, _, _, ls1, g1, _ = _head_parts(tower, j, like)
         left = torch.einsum("ed,hdk->hek", proj.t() * (gamma * ls1), O)  # [H, d', d_head]
         G = torch.einsum("hek,hkd->hed", left, V) * g1  # [H, d', D]
-        out.append(G @ C)  # [H, d', W]
+        out.append(torch.einsum("hed,dw->whe", G, C))  # [W, H, d']: neuron-major, for one bmm per block
     return torch.stack(out)
 
 
@@ -211,14 +211,15 @@ def _effects(tower: Tower, images, layer: int, per_head: bool, directions) -> Ne
     b = images.shape[0]
     sp, mup, norm = tr.pooled_sigma, tr.pooled_mu, tr.norm  # [b]
     d_embed = proj.shape[1]
-    second = torch.zeros(b, W, d_embed, dtype=like.dtype, device=like.device)
+    acc = torch.zeros(W, b, d_embed, dtype=like.dtype, device=like.device)  # sum over heads of a * direction
+    shared = torch.zeros(b, d_embed, dtype=like.dtype, device=like.device)  # what every neuron's effect shares
     parts = torch.empty(b, L - layer - 1, H, W, d_embed, dtype=like.dtype, device=like.device) if per_head else None
     for k, j in enumerate(range(layer + 1, L)):
         st = tr.later[k]
         A, mu1, s1 = st["A"], st["mu1"], st["s1"]  # [b, H, N], [b, N], [b, N]
         Kj = 2 * j + 1
         O, V, bv, bo, ls1, g1, beta1 = _head_parts(tower, j, like)
-        a = torch.einsum("bhn,bnw->bhw", A, tr.post / s1[:, :, None])  # [b, H, W]
+        a = torch.einsum("bhn,bnw->whb", A, tr.post / s1[:, :, None])  # [W, H, b]
         r = (A / s1[:, None]).sum(-1)  # [b, H]
         m = (A * (mu1 / s1)[:, None]).sum(-1)  # [b, H]
         sa = A.sum(-1)  # [b, H] (1)
@@ -228,11 +229,12 @@ def _effects(tower: Tower, images, layer: int, per_head: bool, directions) -> Ne
         o0 = (torch.einsum("hek,bhk->bhe", O, v0) + bo / (Kj * H * W)) * ls1  # [b, H, D]
         share = Kj * K * H * W
         const = ((gamma * o0 - (gamma * mup[:, None, None] / share)) / sp[:, None, None] + beta / share) @ proj
-        term = a[..., None] * dirs[k].transpose(1, 2)[None] / sp[:, None, None, None] + const[:, :, None]
-        term = term / norm[:, None, None, None]  # [b, H, W, d']
-        second += term.sum(dim=1)
-        if per_head:
-            parts[:, k] = term
+        acc.baddbmm_(a.transpose(1, 2), dirs[k])  # [W, b, H] @ [W, H, d'] -> [W, b, d']
+        shared += const.sum(dim=1)
+        if per_head:  # [b, H, W, d']
+            parts[:, k] = (a.permute(2, 1, 0)[..., None] * dirs[k].transpose(0, 1)[None] / sp[:, None, None, None]
+                           + const[:, :, None]) / norm[:, None, None, None]
+    second = (acc.transpose(0, 1) / sp[:, None, None] + shared[:, None]) / norm[:, None, None]
     u0 = tr.pooled_post[:, :, None] * C.t()[None] + bc / W  # [b, W, D]: each neuron's term at the pooled token
     first = ((gamma * (u0 - (mup / (K * W))[:, None, None])) / sp[:, None, None] + beta / (K * W)) @ proj
     first = first / norm[:, None, None]
