@@ -150,3 +150,17 @@ def test_bad_layers_are_refused():
     with pytest.raises(BadInputError, match="must be an integer"):
         neuron_effects(model, x, "1")
     assert neuron_effects(model, x, -3).layer == 0
+
+
+def test_neuron_maps_sum_over_tokens_to_the_effects(setup):
+    from textspan.neurons import neuron_maps
+
+    model, x, _ = setup
+    T = torch.randn(3, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    eff = neuron_effects(model, x, 0)
+    maps = neuron_maps(model, x, 0, T, neurons=[0, 5, 77])
+    assert maps.shape == (2, 3, 3, 17)
+    want = torch.einsum("bne,ke->bnk", eff.second_order[:, [0, 5, 77]], T)
+    torch.testing.assert_close(maps.sum(-1), want, rtol=1e-9, atol=1e-12)
+    full = neuron_maps(model, x, 0, T)
+    torch.testing.assert_close(full[:, [0, 5, 77]], maps)

@@ -242,3 +242,55 @@ def _effects(tower: Tower, images, layer: int, per_head: bool, directions) -> Ne
 
 
 __all__ = ["NeuronEffects", "check_neuron_layer", "neuron_directions", "neuron_effects"]
+
+
+def neuron_maps(model, images: torch.Tensor, layer: int, texts: torch.Tensor, neurons=None,
+                directions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[b, len(neurons), k, N]: each neuron's second-order effect split by the source token it is read from,
+    dotted with k text directions `texts` [k, d'] (neurons=None: all). Per token t, the token's own part of every
+    term (A_h[t] times the neuron's output at t, its ln_1 mean and bias shares and the value bias share); the parts
+    not tied to a token (out_proj's bias share, ln_post's mean and bias shares) are spread evenly over the N tokens,
+    as the decomposition spreads its biases. Summed over the tokens, the maps equal `neuron_effects(...)` dotted
+    with the texts (tested). Drop the prefix token(s) and reshape to the grid for a heatmap (`textspan.heatmaps`)."""
+    tower = read_tower(model)
+    layer = check_neuron_layer(tower, layer)
+    with torch.no_grad():
+        from .decomposition import _post_params
+
+        like = tower.weight
+        gamma, beta, proj, _ = _post_params(tower, like)
+        T = texts.to(like.dtype).to(like.device)  # [k, d']
+        tr = _trace(tower, images, layer)
+        dirs = _directions(tower, layer, like) if directions is None else directions.to(like.dtype)
+        sel = torch.arange(dirs.shape[1], device=like.device) if neurons is None else \
+            torch.as_tensor(list(neurons), device=like.device)
+        C, bc = _mlp_columns(tower, layer, like)
+        W = C.shape[1]
+        L, H = tower.n_layers, tower.n_heads
+        K = 2 * L + 1
+        b, N = tr.post.shape[:2]
+        sp, mup, norm = tr.pooled_sigma, tr.pooled_mu, tr.norm
+        post = tr.post[:, :, sel]  # [b, N, n]
+        out = torch.zeros(b, len(sel), T.shape[0], N, dtype=like.dtype, device=like.device)
+        for k, j in enumerate(range(layer + 1, L)):
+            st = tr.later[k]
+            A, mu1, s1 = st["A"], st["mu1"], st["s1"]  # [b, H, N]
+            Kj = 2 * j + 1
+            O, V, bv, bo, ls1, g1, beta1 = _head_parts(tower, j, like)
+            dT = torch.einsum("whe,ke->whk", dirs[k][sel], T)  # [n, H, k]
+            # the neuron's own part at each token: A_h[t] p[t, n] / s1[t] (direction . text)
+            out += torch.einsum("bht,btn,nhk->bnkt", A / s1[:, None], post, dT) / sp[:, None, None, None]
+            # the token-tied shares every neuron has: bias share, ln_1 mean and bias shares, value bias share
+            y_t = ((g1 * bc / W)[None, None] / s1[:, :, None] - (mu1 / s1)[:, :, None] * g1 / (Kj * W)
+                   + beta1 / (Kj * W))  # [b, N, D] before the attention weights
+            v_t = torch.einsum("hkd,btd->bhtk", V, y_t) + bv[None, :, None] / (Kj * W)  # [b, H, N, d_head]
+            o_t = torch.einsum("hek,bhtk->bhte", O, v_t * A[..., None]) * ls1  # [b, H, N, D]
+            tok = ((gamma * o_t) / sp[:, None, None, None]) @ proj  # [b, H, N, d']
+            share = Kj * K * H * W
+            spread = (((gamma * bo * ls1 / (Kj * H * W) - gamma * mup[:, None] / share) / sp[:, None]
+                       + beta / share) @ proj) * H / N  # [b, d'], per token, all heads
+            out += (torch.einsum("bhte,ke->btk", tok, T) + (spread @ T.t())[:, None]).permute(0, 2, 1)[:, None]
+        return out / norm[:, None, None, None]
+
+
+__all__ += ["neuron_maps"]
