@@ -113,3 +113,32 @@ def test_neuron_ablation_through_the_cli(world, tmp_path):
     assert acc["baseline"] > 50  # the built-in model reads shapes
     direct = ablate_neurons(tmp_path / "n", world, None, device="cpu")
     assert direct["accuracy"] == acc
+
+
+def test_neurons_method_is_the_published_segmentation_map(world, tmp_path):
+    import torch
+
+    out = tmp_path / "n"
+    analyse_neurons(world, out, "shapes", layer=1, top_k=4, device="cpu")
+    model, preprocess, _ = textspan.load_model("shapes")
+    paths = sorted(world.rglob("*.png"))[:3]
+    x = torch.stack([preprocess(textspan.read_image(p)) for p in paths])
+    T = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+                                      [:, :textspan.engine.read_tower(model).d_embed], dim=-1)
+    got = textspan.explain(model, x, T, method="neurons", neurons=str(out), top_neurons=7)
+    # the definition: the post-GELU of block 1 (recorded by a hook on the stock module), averaged over the 7 neurons
+    # whose principal direction has the largest |p . t|, at the patch tokens
+    seen = []
+    handle = model.visual.transformer.resblocks[1].mlp.gelu.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model.encode_image(x)
+    handle.remove()
+    post = seen[0]  # [b, N, W] (batch first)
+    pca = torch.from_numpy(np.load(out / "pca.npy"))
+    for k in range(2):
+        top = torch.topk((pca @ T[k]).abs(), 7).indices
+        want = post[:, 1:, top].mean(dim=2).reshape(3, 8, 8)
+        torch.testing.assert_close(got[:, k], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(BadInputError, match="needs the option neurons"):
+        textspan.explain(model, x, T, method="neurons")
+    assert "neurons" not in textspan.list_methods() and "neurons" in textspan.list_methods(with_required=True)

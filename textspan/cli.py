@@ -326,10 +326,13 @@ def heatmap(images, model_name, pretrained, device, prompts, heads, layers, abso
               help="the class whose map is evaluated (true: the image's class sub-folder, folder data only).")
 @click.option("--samples", default=8, show_default=True, help="overlays saved as examples.")
 @method_options
+@click.option("--threshold", default="mean", show_default=True,
+              help="the prediction: the normalised map above its mean (the protocol) or above a number in [0, 1).")
+@click.option("--no-clip", is_flag=True, help="min-max normalise without clipping the map at 0 first.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @run_options
 def segment_eval(data, model_name, pretrained, device, classifier, classes, templates, target, samples, method,
-                 method_option, batch_size, output, overwrite, quiet):
+                 method_option, threshold, no_clip, batch_size, output, overwrite, quiet):
     """Zero-shot segmentation of DATA (gtsegs_ijcv.mat, or images/ and masks/; masks/REL/CLASS.png per object for
     images with several objects) with an explainer's maps."""
     from .image_jobs import evaluate_segmentation
@@ -337,7 +340,7 @@ def segment_eval(data, model_name, pretrained, device, classifier, classes, temp
     res = evaluate_segmentation(data, output, model_name, pretrained, classes=classes, templates=templates,
                                 classifier=classifier, target=target, samples=samples, method=method,
                                 options=_method_options(method, method_option), batch_size=batch_size, device=device,
-                                overwrite=overwrite, quiet=quiet, notify=notify)
+                                threshold=threshold, clip=not no_clip, overwrite=overwrite, quiet=quiet, notify=notify)
     scored = "maps scored, one per object" if "by_objects" in res else "images"
     pointing = f"pointing {res['pointing']:.1f}%  " if res["pointing"] is not None else ""  # None: rows of old runs
     click.echo(f"pixel accuracy {res['pixel_accuracy']:.2f}%  mIoU {res['miou']:.2f}%  mAP {res['map']:.2f}%  "

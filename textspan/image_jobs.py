@@ -284,12 +284,24 @@ def _eval_settings(loaded: Loaded, method, options, W, classnames, **data) -> di
 
     get_method(method)
     tower = engine.read_tower(loaded.model)
-    if method not in list_methods(tower):
+    if method not in list_methods(tower, with_required=True):
         why = f"{tower_kind(tower)!r} pooling"
         if tower_kind(tower) in method_towers(method):
             why = "a LayerNorm between its heads' outputs and the residual stream (EVA)"
         raise UnsupportedModelError(f"method {method!r} is not defined on this model's tower ({why}); these are: "
                                     f"{', '.join(list_methods(tower))}")
+    from .methods import method_requires
+
+    missing = [o for o in method_requires(method) if o not in options]
+    if missing:
+        raise BadInputError(f"method {method!r} needs the option {missing[0]} (--option {missing[0]}=...)")
+    if method == "neurons":  # the folders must come from this model
+        from .methods.neurons import load_neuron_folders
+
+        for layer, _, fp in load_neuron_folders(options["neurons"]):
+            if fp != loaded.fingerprint:
+                raise UnsupportedModelError(f"the neurons folder of block {layer} was made with other weights "
+                                            f"(fingerprint {fp}; this model {loaded.fingerprint})")
     return {"model": loaded.name, "pretrained": loaded.pretrained, "fingerprint": loaded.fingerprint,
             "method": method, "options": options,
             "classifier": hashlib.sha256(np.ascontiguousarray(W).tobytes()).hexdigest(), "classes": list(classnames),
@@ -300,9 +312,13 @@ def _eval_settings(loaded: Loaded, method, options, W, classnames, **data) -> di
 def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *, classes=None, templates=None,
                           classifier=None, target: str = "predicted", samples: int = 8,
                           method: str = "decomposition", options: Optional[dict] = None, batch_size: int = 16,
-                          device=None, overwrite: bool = False, quiet: bool = True,
-                          notify: Notify = log.info) -> dict:
+                          threshold="mean", clip: bool = True, device=None, overwrite: bool = False,
+                          quiet: bool = True, notify: Notify = log.info) -> dict:
     """Zero-shot segmentation with an explainer's maps (DESIGN.md section 6).
+
+    The protocol's defaults (clip at 0, threshold at the map's mean) can be changed for other published protocols:
+    ``threshold=0.5`` (a fixed value of the min-max normalised map) and ``clip=False`` (the second-order lens'
+    segmentation from neurons uses both).
 
     `data` is gtsegs_ijcv.mat (ImageNet-segmentation) or a folder with images/ and masks/ (same relative paths).
     The map of the chosen class (the predicted one, or with ``target="true"`` the class sub-folder's; decomposition:
@@ -330,13 +346,19 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
     if target == "true" and source.is_mat:
         raise BadInputError("target='true' (--target true) needs class sub-folders (folder data); the .mat file has "
                             "no labels")
-    settings = _eval_settings(loaded, method, options, W, classnames, data=source.identity, target=target)
+    from .benchmark import _threshold
+
+    threshold = _threshold(threshold)
+    protocol = {} if threshold == "mean" and clip else dict(threshold=threshold, clip=bool(clip))
+    settings = _eval_settings(loaded, method, options, W, classnames, data=source.identity, target=target,
+                              **protocol)
     ev = SegmentationEvaluation(loaded, W, classnames, method=method, options=options, target=target,
-                                samples=samples, out=Path(output) if output is not None else None)
+                                samples=samples, out=Path(output) if output is not None else None,
+                                threshold=threshold, clip=clip)
     return run_evaluation(ev, source, output, settings, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
                           notify=notify, fingerprint=loaded.fingerprint,
                           arguments=dict(data=str(data), model=loaded.name, pretrained=loaded.pretrained,
-                                         target=target, method=method, options=options))
+                                         target=target, method=method, options=options, **protocol))
 
 
 @job

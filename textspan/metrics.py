@@ -24,9 +24,11 @@ def correlation_ratio(X, labels: Sequence) -> float:
     return between / total
 
 
-def normalise_map(relative_map) -> np.ndarray:
-    """The segmentation protocol's map: clip at 0, then min-max normalise to [0, 1] (all zeros if flat)."""
-    m = np.clip(np.asarray(relative_map, dtype=np.float64), 0, None)
+def normalise_map(relative_map, clip: bool = True) -> np.ndarray:
+    """The segmentation protocol's map: clip at 0 (unless ``clip=False``), then min-max normalise to [0, 1] (all
+    zeros if flat)."""
+    m = np.asarray(relative_map, dtype=np.float64)
+    m = np.clip(m, 0, None) if clip else m
     lo, hi = m.min(), m.max()
     return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
 
@@ -48,12 +50,13 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum((recall - prev) * precision))
 
 
-def segmentation_row(m, gt) -> dict:
+def segmentation_row(m, gt, threshold="mean") -> dict:
     """One image's part of `segmentation_scores`: its scores (percent) and the pixel counts the dataset-level
-    scores sum (correct_pixels, pixels, intersection_/union_ background and foreground)."""
+    scores sum (correct_pixels, pixels, intersection_/union_ background and foreground). The prediction is the map
+    above its mean (`threshold="mean"`, the protocol) or above a fixed value in [0, 1)."""
     m = np.asarray(m, dtype=np.float64)
     gt = np.asarray(gt, dtype=bool)
-    pred = m > m.mean()
+    pred = m > (m.mean() if threshold == "mean" else float(threshold))
     row = {"correct_pixels": int((pred == gt).sum()), "pixels": int(gt.size)}
     for name, p, g in (("background", ~pred, ~gt), ("foreground", pred, gt)):
         row[f"intersection_{name}"] = int((p & g).sum())

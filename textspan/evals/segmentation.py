@@ -24,7 +24,7 @@ class SegmentationEvaluation(Evaluation):
 
     def __init__(self, loaded, W: np.ndarray, classnames: Sequence[str], *, method: str = "decomposition",
                  options: Optional[dict] = None, target: str = "predicted", samples: int = 0,
-                 out: Optional[Path] = None):
+                 out: Optional[Path] = None, threshold="mean", clip: bool = True):
         import torch
 
         from .. import engine, segmentation as seg
@@ -35,6 +35,7 @@ class SegmentationEvaluation(Evaluation):
         self.grid = engine.read_tower(loaded.model).grid_size
         self.dev = engine.model_device(loaded.model)
         self.samples, self.out = samples, out
+        self.threshold, self.clip = threshold, clip
         self.to_mask = seg.mask_transform(loaded.preprocess)
         self.drawn = 0
 
@@ -117,13 +118,14 @@ class SegmentationEvaluation(Evaluation):
         for (k, c, mask, item, n_objects), m in zip(chosen, class_maps):
             im = pending[k][1]
             up = upsample(m.cpu(), x.shape[-2:]).numpy()
+            shown_map = metrics.normalise_map(up, self.clip)
             rows.append({"item": item, "index": len(rows), "class": names[c], "objects": n_objects,
-                         **metrics.segmentation_row(metrics.normalise_map(up), mask)})
+                         **metrics.segmentation_row(shown_map, mask, self.threshold)})
             if self.out is not None and self.drawn + drawn < self.samples:
                 shown = im.resize((x.shape[-1], x.shape[-2]))
-                sample_figure(shown, metrics.normalise_map(up), mask,
-                              f"{item}: {self.target} class {names[c]!r}, {self.method} (the protocol's map: "
-                              f"clipped at 0, min-max)", self.out / f"sample_{self.drawn + drawn:02d}.png")
+                how = "clipped at 0, min-max" if self.clip else "min-max"
+                sample_figure(shown, shown_map, mask, f"{item}: {self.target} class {names[c]!r}, {self.method} "
+                              f"(the protocol's map: {how})", self.out / f"sample_{self.drawn + drawn:02d}.png")
                 drawn += 1
         self.drawn += drawn
         return {"rows": rows, "samples": drawn, "failures": failures}
@@ -138,6 +140,8 @@ class SegmentationEvaluation(Evaluation):
         if not rows:
             return None
         res = metrics.aggregate_segmentation(rows)
+        if self.threshold != "mean" or not self.clip:
+            res["protocol"] = {"threshold": self.threshold, "clip": self.clip}
         counts = sorted({r.get("objects", 1) for r in rows})
         if counts != [1]:  # per-object scores: rows of images with one object, and of images with several
             res["by_objects"] = {str(n): metrics.aggregate_segmentation([r for r in rows if r.get("objects", 1) == n])

@@ -21,12 +21,13 @@ from ..errors import BadInputError
 _REGISTRY: Dict[str, Callable] = {}
 _TOWERS: Dict[str, Tuple[str, ...]] = {}  # method -> the tower kinds it is defined on
 _INNER_NORM: Dict[str, bool] = {}  # method -> defined where a norm sits between the heads and out_proj (EVA)
+_REQUIRES: Dict[str, Tuple[str, ...]] = {}  # method -> options it cannot run without (e.g. a neurons folder)
 TOWER_KINDS = ("cls", "avg", "attn")  # CLS-pooled, average-pooled (CLIPA), attention-pooled (SigLIP)
 _MODULES = ("decomposition", "legrad", "gradeclip", "gradcam", "rollout", "raw_attention", "chefer", "maskclip",
-            "clip_surgery", "m2ib", "lrp", "partial_lrp")
+            "clip_surgery", "m2ib", "lrp", "partial_lrp", "neurons")
 
 
-def register(name: str, towers: Sequence[str] = ("cls",), inner_norm: bool = True):
+def register(name: str, towers: Sequence[str] = ("cls",), inner_norm: bool = True, requires: Sequence[str] = ()):
     """Decorator: register `fn(tower, images, T, **options) -> [b, P, gh, gw]` (tower: a `textspan.engine.Tower`)
     under `name` (`explain` checks the inputs, moves them to the model's device and dtype, and guards the model
     around the call).
@@ -35,7 +36,9 @@ def register(name: str, towers: Sequence[str] = ("cls",), inner_norm: bool = Tru
     ``"avg"`` (the mean of the patch tokens, CLIPA) and ``"attn"`` (an attention-pooling head, SigLIP). This is the
     only place that says which methods run where: `list_methods(tower)`, `explain`'s refusal, `compare` and the
     evaluations all read it. ``inner_norm=False``: the method is written for out_proj acting on the heads' output
-    directly, so it refuses towers with a norm in between (EVA)."""
+    directly, so it refuses towers with a norm in between (EVA). `requires`: options the method cannot run without
+    (it is then left out of `list_methods()` unless ``with_required=True``: "every method" means every method that
+    runs on images alone)."""
     unknown = set(towers) - set(TOWER_KINDS)
     if unknown:
         raise ValueError(f"register({name!r}): unknown tower kinds {sorted(unknown)}; known: {TOWER_KINDS}")
@@ -44,6 +47,7 @@ def register(name: str, towers: Sequence[str] = ("cls",), inner_norm: bool = Tru
         _REGISTRY[name] = fn
         _TOWERS[name] = tuple(towers)
         _INNER_NORM[name] = bool(inner_norm)
+        _REQUIRES[name] = tuple(requires)
         return fn
     return wrap
 
@@ -64,11 +68,14 @@ def tower_kind(tower) -> str:
     return "avg" if tower.query == "avg" else "cls"
 
 
-def list_methods(tower=None) -> List[str]:
+def list_methods(tower=None, with_required: bool = False) -> List[str]:
     """Names of the registered explainers, in a fixed order; given a tower kind ("cls", "avg", "attn"), a
-    `textspan.engine.Tower` or a model, only the methods defined on that tower."""
+    `textspan.engine.Tower` or a model, only the methods defined on that tower. Methods that need an option to run
+    (`method_requires`, e.g. ``neurons`` needs a neurons folder) only with ``with_required=True``."""
     _load_all()
     names = [m for m in _MODULES if m in _REGISTRY] + sorted(set(_REGISTRY) - set(_MODULES))
+    if not with_required:
+        names = [m for m in names if not _REQUIRES[m]]
     if tower is None:
         return names
     kind = tower if isinstance(tower, str) else tower_kind(tower)
@@ -94,6 +101,12 @@ def method_inner_norm(name: str) -> bool:
     return _INNER_NORM[name]
 
 
+def method_requires(name: str) -> Tuple[str, ...]:
+    """The options method `name` cannot run without (as it registered)."""
+    get_method(name)
+    return _REQUIRES[name]
+
+
 def method_towers(name: str) -> Tuple[str, ...]:
     """The tower kinds method `name` is defined on (as it registered)."""
     get_method(name)
@@ -103,7 +116,7 @@ def method_towers(name: str) -> Tuple[str, ...]:
 def get_method(name: str) -> Callable:
     _load_all()
     if name not in _REGISTRY:
-        raise BadInputError(f"unknown explainer {name!r}; known: {', '.join(list_methods())}")
+        raise BadInputError(f"unknown explainer {name!r}; known: {', '.join(list_methods(with_required=True))}")
     return _REGISTRY[name]
 
 
@@ -140,6 +153,10 @@ def explain(model, images: torch.Tensor, text_embeddings, method: str = "legrad"
         The model's parameters, requires_grad flags and training flags are as before, also when the call raises.
     """
     fn = get_method(method)
+    missing = [o for o in _REQUIRES[method] if o not in options]
+    if missing:
+        raise BadInputError(f"method {method!r} needs the option{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)} (--option {missing[0]}=...)")
     with untouched(model):
         tower, images, T = prepare(model, images, text_embeddings, method)
         maps = fn(tower, images, T, **options)
