@@ -142,3 +142,31 @@ def test_atlas_in_headless_chromium(site, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # not blank: text and coloured cells
+
+
+def test_atlas_neuron_pages(site, tmp_path):
+    import html5lib
+
+    tmp = site[0]
+    textspan.analyse_neurons(tmp / "w" / "images", tmp_path / "n2", "shapes", layer=2, bank="shapes", components=3,
+                             top_k=5, device="cpu")
+    res = textspan.build_atlas(tmp / "cache", tmp / "labels", tmp_path / "site", n_images=2, map_images=0,
+                               neurons=[tmp_path / "n2"], top_neurons=4)
+    page = tmp_path / "site" / "neurons" / "L2.html"
+    text = page.read_text()
+    html5lib.HTMLParser(strict=True).parse(text)
+    assert text.count("<tr><td>") == 4 and "neurons/L2.html" in (tmp_path / "site" / "index.html").read_text()
+    for ref in re.findall(r'(?:src|href)="([^"#]+)"', text):
+        assert (page.parent / ref).resolve().is_file(), f"broken reference {ref}"
+    # the 4 neurons shown are those with the largest mean centred norm, in that order
+    norms = np.load(tmp_path / "n2" / "norms.npy")
+    want = np.argsort(-norms.mean(axis=0), kind="stable")[:4]
+    assert re.findall(r"<tr><td>(\d+)</td>", text) == [str(n) for n in want]
+    assert res.n_heads > 0
+    # a neurons folder of another model is refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"command": "neurons", "model_fingerprint": "x",
+                                                "arguments": {"layer": 1}}))
+    with pytest.raises(textspan.errors.TextspanError, match="another model"):
+        textspan.build_atlas(tmp / "cache", tmp / "labels", tmp_path / "site2", map_images=0, neurons=other)

@@ -56,8 +56,8 @@ class AtlasResult:
 
 @job
 def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map_images: int = 4, model=None,
-                pretrained=None, device=None, maps: bool = True, overwrite: bool = False,
-                notify: Notify = log.info, quiet: bool = True) -> AtlasResult:
+                pretrained=None, device=None, maps: bool = True, neurons=None, top_neurons: int = 30,
+                overwrite: bool = False, notify: Notify = log.info, quiet: bool = True) -> AtlasResult:
     """Write the head atlas of a cache and its TextSpan labels into `output` (see the module doc).
 
     Args:
@@ -67,6 +67,10 @@ def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map
         n_images: top images shown per text.
         map_images: sample images on which each head's maps are drawn (the cache's first rows); 0 or ``maps=False``
             for none. Maps need the cache's model (loaded from its manifest unless `model` is given).
+        neurons: `textspan neurons` folders of this model (one or a list): a page per layer,
+            ``neurons/L{l}.html``, with its `top_neurons` neurons by mean centred effect norm (their share on their
+            principal direction, texts, top images and the map of the effect along that direction on the top image),
+            linked from the index.
 
     Returns:
         `AtlasResult` (pages, thumbnails, maps, seconds, bytes on disk).
@@ -90,6 +94,12 @@ def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map
                     cache_rows=len(c), labels_bank=lab.bank_digest, labels_heads=[head_name(*k) for k in heads],
                     labels_n_texts=lab.n_texts, labels_rank=lab.rank, ablations=None if ablations is None else str(Path(ablations).resolve()),
                     n_images=n_images, map_images=map_images if maps else 0)
+    neuron_dirs = [] if neurons is None else [Path(p) for p in ([neurons] if isinstance(neurons, (str, Path))
+                                                                 else neurons)]
+    neuron_layers = [_neuron_folder(p, c.manifest["fingerprint"]) for p in neuron_dirs]
+    if neuron_dirs:
+        settings["neurons"] = [str(p.resolve()) for p in neuron_dirs]
+        settings["top_neurons"] = top_neurons
     with RunFolder(out, "atlas", settings, overwrite=overwrite) as run:
         for sub in ("heads", "thumbs", "assets"):
             (out / sub).mkdir(exist_ok=True)
@@ -104,7 +114,9 @@ def build_atlas(cache, labels, output, *, ablations=None, n_images: int = 6, map
             if maps and map_images > 0 else {}
         measures = _measures(c, lab, heads, norms, abl, notify)
         _write_data_js(out / "data.js", L, H, heads, lab, measures)
-        _write_index(out / "index.html", c, lab, heads, measures, layer_contrib, L, H)
+        _write_index(out / "index.html", c, lab, heads, measures, layer_contrib, L, H, neuron_layers)
+        for folder, layer in zip(neuron_dirs, neuron_layers):
+            _write_neuron_page(out, folder, layer, top_neurons, model, pretrained, device, notify)
         for key in tqdm(heads, disable=quiet, desc="head pages", unit="head"):
             _write_head_page(out / "heads" / f"{head_name(*key)}.html", key, c, lab, top[key], images, abl,
                              map_files.get(key), measures)
@@ -391,7 +403,108 @@ def _svg_bars(values: Sequence[float], labels: Sequence[str], width=520, height=
     return "".join(parts)
 
 
-def _write_index(path: Path, c, lab, heads, measures, contrib, L, H) -> None:
+def _neuron_folder(folder: Path, fingerprint: str) -> int:
+    """The layer of a finished `textspan neurons` folder of the cache's model (refused otherwise)."""
+    from .store import read_json
+
+    rec = read_json(folder / "run.json")
+    if not rec or rec.get("command") != "neurons":
+        raise BadInputError(f"{folder}: not a finished `textspan neurons` folder")
+    if rec.get("model_fingerprint") != fingerprint:
+        raise ModelMismatchError(f"{folder} was made with another model (fingerprint {rec.get('model_fingerprint')};"
+                                 f" the cache's is {fingerprint})")
+    return int(rec["arguments"]["layer"])
+
+
+def _write_neuron_page(out: Path, folder: Path, layer: int, top: int, model, pretrained, device, notify) -> None:
+    """neurons/L{l}.html: the layer's `top` neurons by mean centred effect norm."""
+    import csv as _csv
+
+    (out / "neurons").mkdir(exist_ok=True)
+    norms = np.load(folder / "norms.npy", mmap_mode="r")
+    typical = np.nanmean(np.asarray(norms), axis=0)  # [W]
+    order = np.argsort(-typical, kind="stable")[:top]
+    explained = np.load(folder / "explained.npy")
+    texts = json.loads((folder / "decomposition.json").read_text()) if (folder / "decomposition.json").is_file() \
+        else {}
+    tops: Dict[int, List[Tuple[int, str]]] = {}
+    with open(folder / "top_images.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for row in _csv.DictReader(f):
+            tops.setdefault(int(row["neuron"]), []).append((int(row["index"]), row["path"]))
+    maps = _neuron_maps(out / "neurons", folder, layer, order, tops, model, pretrained, device, notify)
+    from .datasets import read_image
+
+    rows = []
+    for n in order:
+        n = int(n)
+        thumbs = []
+        for idx, path in tops.get(n, [])[:6]:
+            name = f"n{layer}_{idx:06d}.jpg"
+            if not (out / "thumbs" / name).is_file():
+                try:
+                    im = read_image(path)
+                    im.thumbnail((64, 64))
+                    im.save(out / "thumbs" / name, quality=80)
+                except BadInputError as exc:
+                    notify(f"neuron thumbnail {path}: {exc}")
+                    continue
+            thumbs.append(f'<img src="../thumbs/{name}" alt="{html.escape(Path(path).name)}" '
+                          f'title="{html.escape(path)}">')
+        said = "; ".join(f"{html.escape(t)} ({c:+.2f})" for t, c in texts.get(str(n), [])[:5]) or "(no text bank)"
+        m = f'<img class="map" src="{maps[n]}" alt="map of neuron {n}">' if n in maps else ""
+        rows.append(f"<tr><td>{n}</td><td>{typical[n]:.4g}</td><td>{explained[n]:.0%}</td><td>{said}</td>"
+                    f"<td>{''.join(thumbs)}</td><td>{m}</td></tr>")
+    body = f"""<nav><a href="../index.html">&larr; all heads</a></nav>
+<h1>Neurons of block {layer}'s MLP</h1>
+<p class="meta">The {len(order)} neurons with the largest mean second-order effect (centred, over the images of
+{html.escape(str(folder))}); the share of their top effects on their principal direction; that direction decomposed
+into texts (orthogonal matching pursuit, coefficients in brackets); their top images; and on the top image, where
+the effect along the direction comes from (per source token, red towards the direction).</p>
+<table class="neurons"><tr><th>neuron</th><th>mean |effect|</th><th>on its direction</th><th>texts</th>
+<th>top images</th><th>map</th></tr>
+{chr(10).join(rows)}
+</table>"""
+    (out / "neurons" / f"L{layer}.html").write_text(_page(f"neurons of block {layer}", body, "../"))
+
+
+def _neuron_maps(folder_out: Path, folder: Path, layer: int, order, tops, model, pretrained, device,
+                 notify) -> Dict[int, str]:
+    """Per neuron a JPEG of its effect along its own principal direction, per source token, on its top image."""
+    import torch
+
+    from . import engine
+    from .datasets import read_image
+    from .jobs import resolve_model
+    from .neurons import neuron_maps
+    from .store import read_json
+    from .visualize import map_grid_image
+
+    rec = read_json(folder / "run.json")
+    try:
+        loaded = resolve_model(model if model is not None else rec["arguments"]["model"],
+                               pretrained if model is not None else rec["arguments"].get("pretrained"), device)
+    except Exception as exc:  # the pages are still useful without maps
+        notify(f"no neuron maps: the model cannot be loaded ({type(exc).__name__}: {exc})")
+        return {}
+    pca = torch.from_numpy(np.load(folder / "pca.npy"))
+    tower = engine.read_tower(loaded.model)
+    out = {}
+    for n in order:
+        n = int(n)
+        if not tops.get(n):
+            continue
+        im = read_image(tops[n][0][1])
+        x = loaded.preprocess(im)[None].to(engine.model_device(loaded.model))
+        m = neuron_maps(loaded.model, x, layer, pca[n][None], neurons=[n])[0, 0, 0, tower.n_prefix:]
+        grid = tower.grid_of(x)
+        name = f"L{layer}_n{n}.jpg"
+        map_grid_image([im.resize((x.shape[-1], x.shape[-2]))], m.reshape(1, 1, *grid).float().cpu().numpy(),
+                       relative=True, cell=120, col_labels=[f"neuron {n}"]).save(folder_out / name, quality=88)
+        out[n] = name
+    return out
+
+
+def _write_index(path: Path, c, lab, heads, measures, contrib, L, H, neuron_layers=()) -> None:
     labelled = {head_name(*k) for k in heads}
     head_row = "".join(f"<th>H{h}</th>" for h in range(H))
     body_rows = []
@@ -434,9 +547,17 @@ model fingerprint {html.escape(m['fingerprint'])}</p>
 <p class="meta">Mean over the images of the dot product of the layer's attention terms (all heads, all tokens) and of
 its MLP term with the normalised embedding; all bars together sum to 1 per image (the decomposition's identity).</p>
 {bars}
+{_neuron_links(neuron_layers)}
 <script src="data.js"></script>
 <script src="assets/atlas.js"></script>"""
     path.write_text(_page(f"textspan atlas: {m['model']}", body, ""))
+
+
+def _neuron_links(layers) -> str:
+    if not layers:
+        return ""
+    links = " &middot; ".join(f'<a href="neurons/L{l}.html">block {l}</a>' for l in sorted(layers))
+    return f"<h2>Neurons</h2>\n<p>Second-order effects of MLP neurons: {links}</p>"
 
 
 MIN_SHARE_FOR_IMAGES = 0.01  # a text explaining less of its head's variance gets no thumbnails (they would not show it)

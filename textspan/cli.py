@@ -395,15 +395,18 @@ def compare(images, methods, prompts, model_name, pretrained, device, output, ov
               help="top images shown per text.")
 @click.option("--map-images", default=4, show_default=True, type=click.IntRange(min=0),
               help="sample images for each head's maps (0: none).")
+@click.option("--neurons", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="a `textspan neurons` folder: a neurons page for its layer (repeat for several).")
 @cache_model_options
 @run_options
-def atlas(cache_dir, labels, ablations, n_images, map_images, model_name, pretrained, device, output, overwrite, quiet):
+def atlas(cache_dir, labels, ablations, n_images, map_images, neurons, model_name, pretrained, device, output,
+          overwrite, quiet):
     """A static web site of the heads (open OUTPUT/index.html): grid, labels, top images, maps, search."""
     from .atlas import build_atlas
 
     r = build_atlas(cache_dir, labels, output, ablations=ablations, n_images=n_images, map_images=map_images,
-                    model=model_name, pretrained=pretrained, device=device, overwrite=overwrite, notify=notify,
-                    quiet=quiet)
+                    model=model_name, pretrained=pretrained, device=device, neurons=list(neurons) or None,
+                    overwrite=overwrite, notify=notify, quiet=quiet)
     click.echo(f"{r.n_heads} head pages, {r.n_thumbnails} thumbnails, {r.n_maps} map figures, "
                f"{r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s -> {output}/index.html")
 
