@@ -338,3 +338,16 @@ def test_imagenet_s_decomposition_fast_path_equals_the_general_one(layouts):
                                         options={"relative": False})
     assert fast["zero_shot_accuracy"] == slow["zero_shot_accuracy"]
     np.testing.assert_allclose(list(fast["iou"].values()), list(slow["iou"].values()), atol=1e-6)
+
+
+def test_imagenet_s_area_counts_leave_the_ignore_label_out():
+    from textspan.evals.imagenet_s import area_counts
+
+    gt = np.array([[0, 0, 2, 2], [IGNORE, IGNORE, 2, 2]])
+    pred = np.array([[2, 0, 2, 0], [2, 2, 2, 2]])  # the ignored pixels predicted 2 count nowhere
+    tp, p, t = area_counts(gt, pred, 2)
+    # kept pixels (gt -> pred): 0->2, 0->0, 2->2, 2->0, 2->2, 2->2
+    assert tp.tolist() == [1, 0, 3] and p.tolist() == [2, 0, 4] and t.tolist() == [2, 0, 4]
+    r = imagenet_s_iou(tp, p, t)  # id 0: 1 / (2 + 2 - 1); id 1: nothing (0); id 2: 3 / (4 + 4 - 3)
+    assert r["iou"][0] == pytest.approx(100 / 3) and r["iou"][1] == 0 and r["iou"][2] == pytest.approx(60.0)
+    assert r["miou_present"] == pytest.approx((100 / 3 + 60) / 2) and r["miou"] == pytest.approx((100 / 3 + 60) / 3)

@@ -36,7 +36,7 @@ def _record(model, x):
     return rec
 
 
-def _flow(model, rec, comp, j, h, share):
+def _flow(model, rec, comp, j, h, share, query="cls"):
     """[b, d'] the published path of one residual component comp [b, N, D] through head h of block j to the
     embedding (prs_second_order_neurons_hook.py: normalize_before_attention_per_neuron, apply_attention_matrix_per_
     neuron, project_attentions_to_output_per_neuron), with `share` = how many pieces the component is cut into
@@ -54,11 +54,12 @@ def _flow(model, rec, comp, j, h, share):
     Vw = blk.attn.in_proj_weight[2 * D:][h * dh:(h + 1) * dh]
     Vb = blk.attn.in_proj_bias[2 * D:][h * dh:(h + 1) * dh]
     val = z @ Vw.T + Vb / norm_term  # [b, N, d_head]
-    xcls = (rec["blocks"][j]["probs"][:, h, 0, :, None] * val).sum(1)  # the CLS query's row
+    row = rec["blocks"][j]["probs"][:, h, 0] if query == "cls" else rec["blocks"][j]["probs"][:, h, 1:].mean(1)
+    xcls = (row[:, :, None] * val).sum(1)  # the pooled query's row: CLS, or the mean of the patch queries
     Ow = blk.attn.out_proj.weight[:, h * dh:(h + 1) * dh]
     o = xcls @ Ow.T + blk.attn.out_proj.bias / ((1 + 2 * j) * H * share)
     o = blk.ls_1(o)
-    r = rec["final"][:, 0]
+    r = rec["final"][:, 0] if query == "cls" else rec["final"][:, 1:].mean(1)
     mup = r.mean(-1, keepdim=True)
     sp = torch.sqrt(r.var(-1, unbiased=False, keepdim=True) + v.ln_post.eps)
     nt = (1 + 2 * j) * (1 + 2 * L) * H * share
@@ -164,3 +165,23 @@ def test_neuron_maps_sum_over_tokens_to_the_effects(setup):
     torch.testing.assert_close(maps.sum(-1), want, rtol=1e-9, atol=1e-12)
     full = neuron_maps(model, x, 0, T)
     torch.testing.assert_close(full[:, [0, 5, 77]], maps)
+
+
+def test_average_pooled_towers_follow_the_patch_queries_mean():
+    # CLIPA-style: the embedding reads the mean of the patch tokens (ln_post after the pool); the pooled query's
+    # attention row is the mean of the patch queries' rows
+    model = tiny_clip(5, layers=3, pool_type="avg", final_ln_after_pool=True, dtype=torch.float64)
+    x = random_images(2, dtype=torch.float64)
+    rec = _record(model, x)
+    eff = neuron_effects(model, x, 0, per_head=True)
+    dec = textspan.decompose(model, x, spatial=False)
+    torch.testing.assert_close(eff.first_order.sum(dim=1), dec.mlps[:, 1], rtol=1e-9, atol=1e-12)
+    j = 2
+    for h in range(dec.heads.shape[2]):
+        total = _flow(model, rec, rec["z0"], j, h, 1, "avg")
+        for i in range(j):
+            b = rec["blocks"][i]
+            total = total + _flow(model, rec, b["y"] - b["x_in"], j, h, 1, "avg")
+            total = total + (eff.per_head[:, j - 1, h].sum(dim=1) if i == 0 else
+                             _flow(model, rec, b["x_out"] - b["y"], j, h, 1, "avg"))
+        torch.testing.assert_close(total, dec.heads[:, j, h], rtol=1e-9, atol=1e-12)

@@ -21,6 +21,15 @@ from ..evaluation import Entry, Evaluation
 from ..imagenet import IGNORE
 
 
+def area_counts(gt: np.ndarray, pred: np.ndarray, n: int):
+    """Per class id 0 .. n: (intersection, predicted area, true area) of one image's ids, pixels whose ground truth
+    is the ignore label (1000) left out."""
+    keep = gt != IGNORE
+    g, q = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    return (np.bincount(g[g == q], minlength=n + 1)[:n + 1], np.bincount(q, minlength=n + 1)[:n + 1],
+            np.bincount(g, minlength=n + 1)[:n + 1])
+
+
 def imagenet_s_iou(tp, pred, true) -> dict:
     tp, pred, true = (np.asarray(v, dtype=np.float64) for v in (tp, pred, true))
     iou = tp / (pred + true - tp + 1e-10) * 100
@@ -89,12 +98,10 @@ class ImageNetSEvaluation(Evaluation):
         acc = {k: np.zeros(self.n + 1, np.int64) for k in ("tp", "pred", "true")}
         for e, c, m in zip(entries, cols, maps):
             gt = ids_in_frame(self.to_mask, e.value[1])
-            p = np.where(binarise(m, self.threshold), c + 1, 0)
-            keep = gt != IGNORE
-            g, q = gt[keep], p[keep]
-            acc["pred"] += np.bincount(q, minlength=self.n + 1)[:self.n + 1]
-            acc["true"] += np.bincount(g, minlength=self.n + 1)[:self.n + 1]
-            acc["tp"] += np.bincount(g[g == q], minlength=self.n + 1)[:self.n + 1]
+            tp, pred_area, true_area = area_counts(gt, np.where(binarise(m, self.threshold), c + 1, 0), self.n)
+            acc["tp"] += tp
+            acc["pred"] += pred_area
+            acc["true"] += true_area
         return {**{k: v.tolist() for k, v in acc.items()}, "images": len(entries),
                 "correct": int(sum(int(a) == b for a, b in zip(pred.tolist(), true)))}
 
