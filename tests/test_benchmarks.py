@@ -351,3 +351,23 @@ def test_imagenet_s_area_counts_leave_the_ignore_label_out():
     r = imagenet_s_iou(tp, p, t)  # id 0: 1 / (2 + 2 - 1); id 1: nothing (0); id 2: 3 / (4 + 4 - 3)
     assert r["iou"][0] == pytest.approx(100 / 3) and r["iou"][1] == 0 and r["iou"][2] == pytest.approx(60.0)
     assert r["miou_present"] == pytest.approx((100 / 3 + 60) / 2) and r["miou"] == pytest.approx((100 / 3 + 60) / 3)
+
+
+@pytest.mark.slow
+def test_torchrun_benchmark_equals_one_process(layouts, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    common = ["benchmark", str(layouts / "oi"), "--methods", "decomposition,rollout", "--batch-size", "3",
+              "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "textspan", *common, "-o", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--module", "textspan", *common, "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("leaderboard.md") == 1  # rank 0 prints
+    for m in ("decomposition", "rollout"):
+        assert (tmp_path / "two" / m / "points" / "points.json").read_bytes() == \
+            (tmp_path / "one" / m / "points" / "points.json").read_bytes()
+    strip = lambda p: [r.split(",")[:2] for r in p.read_text().splitlines()]  # noqa: E731 (no timings)
+    assert strip(tmp_path / "two" / "leaderboard.csv") == strip(tmp_path / "one" / "leaderboard.csv")

@@ -156,7 +156,9 @@ def evaluate_points(data, output=None, model="shapes", pretrained=None, *, templ
                          arguments=dict(data=str(data), model=loaded.name, pretrained=loaded.pretrained,
                                         method=method, options=options, threshold=threshold, limit=limit))
     res["notes"] = list(ds.notes)
-    if output is not None:
+    from .cache import _world
+
+    if output is not None and _world()[1] == 0:  # rank 0 writes under torchrun
         (Path(output) / "points.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -255,7 +257,6 @@ def run_benchmark(data, output, model="shapes", pretrained=None, *, methods="all
     Returns {"kind", "evaluations", "methods", "rows": [{method, metric columns..., seconds per image}]}.
     """
     from .methods import list_methods
-    from .store import RunFolder
 
     kind = dataset_kind(data)
     supported = SUPPORTS[kind]
@@ -281,7 +282,7 @@ def run_benchmark(data, output, model="shapes", pretrained=None, *, methods="all
                     fingerprint=loaded.fingerprint, limit=limit, seed=seed)
     rows: List[Dict] = []
     results: Dict[str, Dict[str, dict]] = {}
-    with RunFolder(out, "benchmark", settings, overwrite=overwrite, progress_name="benchmark.json") as run:
+    with _benchmark_folder(out, settings, overwrite) as run:
         for m in names:
             row: Dict = {"method": m}
             for e in evals:
@@ -296,12 +297,51 @@ def run_benchmark(data, output, model="shapes", pretrained=None, *, methods="all
                         row[col] = round(float(r[key]), 2)
                 row[f"{e} s/img"] = round(secs / n, 4)
             rows.append(row)
-            run.save_progress(dict(settings, done=[r["method"] for r in rows]))
-        board = write_leaderboard(out, rows, evals, title=f"{Path(data).name} ({kind}), {loaded.name}")
-        run.write_run_json(dict(data=str(data), methods=names, evaluations=evals, model=loaded.name,
-                                pretrained=loaded.pretrained, limit=limit, seed=seed, batch_size=batch_size),
-                           model_fingerprint=loaded.fingerprint)
+            if run is not None:
+                run.save_progress(dict(settings, done=[r["method"] for r in rows]))
+        board = rows
+        if run is not None:  # one process (or rank 0 under torchrun) writes the leaderboard
+            board = write_leaderboard(out, rows, evals, title=f"{Path(data).name} ({kind}), {loaded.name}")
+            run.write_run_json(dict(data=str(data), methods=names, evaluations=evals, model=loaded.name,
+                                    pretrained=loaded.pretrained, limit=limit, seed=seed, batch_size=batch_size),
+                               model_fingerprint=loaded.fingerprint)
     return {"kind": kind, "evaluations": evals, "methods": names, "rows": board, "results": results}
+
+
+class _benchmark_folder:
+    """The benchmark's own run folder: held by the one process, or by rank 0 under torchrun (the other ranks get
+    None; a refusal on rank 0 stops every rank with its reason, none waits for the others)."""
+
+    def __init__(self, out: Path, settings: dict, overwrite: bool):
+        from .store import RunFolder
+
+        self.run = RunFolder(out, "benchmark", settings, overwrite=overwrite, progress_name="benchmark.json")
+        self.held = False
+
+    def __enter__(self):
+        from .cache import _world
+
+        world, rank = _world()
+        if world == 1:
+            self.held = True
+            return self.run.__enter__()
+        import torch.distributed as dist
+
+        error = [None]
+        if rank == 0:
+            try:
+                self.run.__enter__()
+                self.held = True
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+                error = [str(exc)]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise BadInputError(error[0])
+        return self.run if rank == 0 else None
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.run.__exit__(*exc)
 
 
 def _seconds(folder: Path, fallback: float) -> float:

@@ -177,12 +177,13 @@ def benchmark(data, methods, evaluations, model_name, pretrained, device, classe
     """Every method x every evaluation DATA supports, one resumable folder each -> leaderboard.csv/.md/.png."""
     from .benchmark import run_benchmark
 
-    _, device = _distributed(device)
+    rank, device = _distributed(device)
     r = run_benchmark(data, output, model_name, pretrained, methods=methods, evaluations=evaluations,
                       classes=classes, templates=templates, limit=limit, seed=seed, batch_size=batch_size,
                       device=device, overwrite=overwrite, quiet=quiet, notify=notify)
-    click.echo(f"{len(r['methods'])} methods x {', '.join(r['evaluations'])} on {data} ({r['kind']}): "
-               f"{Path(output) / 'leaderboard.md'}")
-    click.echo((Path(output) / "leaderboard.md").read_text())
+    if rank == 0:
+        click.echo(f"{len(r['methods'])} methods x {', '.join(r['evaluations'])} on {data} ({r['kind']}): "
+                   f"{Path(output) / 'leaderboard.md'}")
+        click.echo((Path(output) / "leaderboard.md").read_text())
 
 
