@@ -15,7 +15,7 @@ import time
 import torch
 
 import textspan
-from textspan.neurons import neuron_directions, neuron_effects
+from textspan.neurons import neuron_directions, neuron_effect_parts, neuron_effects
 
 
 def timed(fn, repeats):
@@ -48,7 +48,7 @@ def main():
     t_eff = timed(lambda: neuron_effects(model, x, args.layer, directions=dirs), args.repeats)
     t_all = timed(lambda: neuron_effects(model, x, args.layer), args.repeats)
     t_dirs = timed(lambda: neuron_directions(model, args.layer), args.repeats)
-    eff = neuron_effects(model, x, args.layer, directions=dirs)
+    eff = neuron_effect_parts(model, x, args.layer, directions=dirs)
     print(f"{args.model}, batch {args.batch}, block {eff.layer}'s MLP ({eff.second_order.shape[1]} neurons), "
           f"{args.threads} threads, CPU")
     print(f"encode_image                          {t_fwd:7.3f} s   1.00x")

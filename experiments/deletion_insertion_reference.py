@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import textspan
 from textspan import benchmark, explain_eval, imagenet, image_jobs, jobs
 from textspan.datasets import ImageList, read_image
 from textspan.evals import deletion as dl

@@ -102,7 +102,7 @@ def main():
     x = torch.randn(args.batch, 3, *size)
     with torch.no_grad():
         t0 = time.perf_counter()
-        ours = textspan.neuron_effects(model, x, args.layer).second_order.numpy()
+        ours = textspan.neuron_effects(model, x, args.layer).numpy()
         t_ours = time.perf_counter() - t0
         rec = _record(model, x, args.layer)
         prs = hook.SecondOrderPrsNeurons(_view(model), args.layer, "cpu")

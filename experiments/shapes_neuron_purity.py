@@ -63,7 +63,7 @@ def main():
     report["baseline"] = accuracy(r)
     print("baseline zero-shot accuracy: " + ", ".join(f"{a} {v:.1f}%" for a, v in report["baseline"].items()))
     for layer in range(L - 1):
-        s = torch.cat([textspan.neuron_effects(model, x[i:i + 250], layer).second_order.double()
+        s = torch.cat([textspan.neuron_effects(model, x[i:i + 250], layer).double()
                        for i in range(0, args.n, 250)])  # [n, W, d']
         mean = s.mean(0)
         c = (s - mean).numpy()

@@ -8,7 +8,7 @@ import torch
 from helpers import random_images, tiny_clip
 import textspan
 from textspan.errors import BadInputError
-from textspan.neurons import neuron_directions, neuron_effects
+from textspan.neurons import first_order_effects, neuron_directions, neuron_effect_parts, neuron_effects
 
 
 def _record(model, x):
@@ -84,7 +84,7 @@ def setup(request):
 def test_second_order_equals_the_published_definition(setup):
     model, x, rec = setup
     layer = 0
-    eff = neuron_effects(model, x, layer, per_head=True)
+    eff = neuron_effect_parts(model, x, layer, per_head=True)
     blk = model.visual.transformer.resblocks[layer]
     post = rec["blocks"][layer]["post"]  # [b, N, W]
     W = post.shape[-1]
@@ -103,14 +103,16 @@ def test_second_order_equals_the_published_definition(setup):
     torch.testing.assert_close(eff.second_order, want, rtol=1e-9, atol=1e-12)
     assert eff.second_order.abs().max() > 1e-3  # not trivially zero
     dirs = neuron_directions(model, layer)  # reused across batches: the same effects
-    again = neuron_effects(model, x, layer, directions=dirs)
-    torch.testing.assert_close(again.second_order, eff.second_order)
+    again = neuron_effects(model, x, layer, directions=dirs)  # the public call: the [b, W, d'] tensor
+    torch.testing.assert_close(again, eff.second_order)
+    torch.testing.assert_close(neuron_effects(model, x, layer, per_head=True), eff.per_head)
+    torch.testing.assert_close(eff.per_head.sum(dim=(1, 2)), eff.second_order)
 
 
 def test_every_source_through_one_head_sums_to_its_decomposition_term(setup):
     model, x, rec = setup
     layer, j = 0, 2
-    eff = neuron_effects(model, x, layer, per_head=True)
+    eff = neuron_effect_parts(model, x, layer, per_head=True)
     dec = textspan.decompose(model, x, spatial=False)
     H = dec.heads.shape[2]
     for h in range(H):
@@ -129,14 +131,14 @@ def test_first_order_effects_sum_to_the_mlp_term(setup):
     model, x, _ = setup
     dec = textspan.decompose(model, x, spatial=False)
     for layer in (0, 1):
-        eff = neuron_effects(model, x, layer)
-        torch.testing.assert_close(eff.first_order.sum(dim=1), dec.mlps[:, layer + 1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(first_order_effects(model, x, layer).sum(dim=1), dec.mlps[:, layer + 1],
+                                   rtol=1e-9, atol=1e-12)
 
 
 def test_float32_agrees_with_float64(setup):
     model, x, _ = setup
-    want = neuron_effects(model, x, -2).second_order
-    got = neuron_effects(model.float(), x.float(), -2).second_order
+    want = neuron_effects(model, x, -2)
+    got = neuron_effects(model.float(), x.float(), -2)
     model.double()
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
 
@@ -150,7 +152,7 @@ def test_bad_layers_are_refused():
         neuron_effects(model, x, -1)
     with pytest.raises(BadInputError, match="must be an integer"):
         neuron_effects(model, x, "1")
-    assert neuron_effects(model, x, -3).layer == 0
+    assert neuron_effect_parts(model, x, -3).layer == 0
 
 
 def test_neuron_maps_sum_over_tokens_to_the_effects(setup):
@@ -161,7 +163,7 @@ def test_neuron_maps_sum_over_tokens_to_the_effects(setup):
     eff = neuron_effects(model, x, 0)
     maps = neuron_maps(model, x, 0, T, neurons=[0, 5, 77])
     assert maps.shape == (2, 3, 3, 17)
-    want = torch.einsum("bne,ke->bnk", eff.second_order[:, [0, 5, 77]], T)
+    want = torch.einsum("bne,ke->bnk", eff[:, [0, 5, 77]], T)
     torch.testing.assert_close(maps.sum(-1), want, rtol=1e-9, atol=1e-12)
     full = neuron_maps(model, x, 0, T)
     torch.testing.assert_close(full[:, [0, 5, 77]], maps)
@@ -173,7 +175,7 @@ def test_average_pooled_towers_follow_the_patch_queries_mean():
     model = tiny_clip(5, layers=3, pool_type="avg", final_ln_after_pool=True, dtype=torch.float64)
     x = random_images(2, dtype=torch.float64)
     rec = _record(model, x)
-    eff = neuron_effects(model, x, 0, per_head=True)
+    eff = neuron_effect_parts(model, x, 0, per_head=True)
     dec = textspan.decompose(model, x, spatial=False)
     torch.testing.assert_close(eff.first_order.sum(dim=1), dec.mlps[:, 1], rtol=1e-9, atol=1e-12)
     j = 2

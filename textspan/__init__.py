@@ -62,7 +62,8 @@ from .image_jobs import (  # noqa: E402
     evaluate_segmentation,
 )
 from .datasets import read_image  # noqa: E402
-from .neurons import NeuronEffects, neuron_directions, neuron_effects  # noqa: E402
+from .neurons import (NeuronEffects, first_order_effects, neuron_directions, neuron_effect_parts,  # noqa: E402
+                      neuron_effects)
 from .neuron_jobs import NeuronResult, ablate_neurons, analyse_neurons  # noqa: E402
 from .benchmark import (  # noqa: E402
     evaluate_deletion_insertion,
@@ -93,6 +94,7 @@ __all__ = [
     "label_cache", "measure_completeness", "retrieve_images", "write_shapes_waterbirds", "write_shapes_world",
     "Comparison", "HeatmapResult", "compare_methods", "draw_heatmaps", "evaluate_perturbation",
     "evaluate_segmentation", "evaluate_deletion_insertion", "evaluate_imagenet_s", "evaluate_points",
-    "run_benchmark", "NeuronEffects", "neuron_directions", "neuron_effects", "NeuronResult", "ablate_neurons",
+    "run_benchmark", "NeuronEffects", "neuron_directions", "neuron_effects", "first_order_effects",
+    "neuron_effect_parts", "NeuronResult", "ablate_neurons",
     "analyse_neurons", "AtlasResult", "build_atlas",
 ]

@@ -184,7 +184,7 @@ def analyse_neurons(images, output, model="shapes", pretrained=None, *, layer: i
                 nxt = max(list(ids) + [i for i, _ in bad]) + 1
                 eff = None
                 if x is not None:
-                    eff = neuron_effects(loaded.model, x.to(dev), idx, directions=dirs).second_order
+                    eff = neuron_effects(loaded.model, x.to(dev), idx, directions=dirs)
                     eff = eff.double().cpu().numpy()  # [b, W, d']
                 yield list(ids), bad, nxt, eff
 

@@ -173,24 +173,40 @@ def _directions(tower: Tower, layer: int, like) -> torch.Tensor:
 
 
 def neuron_effects(model, images: torch.Tensor, layer: int, *, per_head: bool = False,
-                   directions: Optional[torch.Tensor] = None) -> NeuronEffects:
-    """The second-order (and first-order) effects of every neuron of the MLP of block `layer` (see the module doc).
+                   directions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The second-order effects of every neuron of the MLP of block `layer` (see the module doc), without the
+    published factor 100.
 
     Args:
         model: a CLIP model or image tower textspan decomposes (CLS or average-pooled ViT with LayerNorm blocks).
         images: [b, 3, H, W] preprocessed.
         layer: the MLP's block (negative counts from the end); it needs a later block.
-        per_head: also return each later head's part, [b, L - l - 1, H, W, d'].
+        per_head: return each later head's part instead, [b, L - l - 1, H, W, d'] (summed over its two head axes
+            it is the default result).
         directions: `neuron_directions(model, layer)`, to reuse across batches (computed when None).
 
     Returns:
-        `NeuronEffects`: second_order [b, W, d'] (without the published factor 100), first_order [b, W, d'].
+        [b, W, d'] (W the MLP width, d' the embedding width). `first_order_effects` gives the direct effects beside
+        it, `neuron_effect_parts` both at once (and the per-head parts) from one forward.
 
     Example:
         >>> model, preprocess, _ = textspan.load_model("shapes")                         # doctest: +SKIP
-        >>> eff = textspan.neuron_effects(model, images, layer=1)
-        >>> eff.second_order.shape   # [b, d_mlp, d_embed]
+        >>> textspan.neuron_effects(model, images, layer=1).shape   # [b, d_mlp, d_embed]
     """
+    parts = neuron_effect_parts(model, images, layer, per_head=per_head, directions=directions)
+    return parts.per_head if per_head else parts.second_order
+
+
+def first_order_effects(model, images: torch.Tensor, layer: int) -> torch.Tensor:
+    """[b, W, d']: each neuron's direct (first-order) effect, its own term at the pooled token through the frozen
+    ln_post; summed over the neurons it is the decomposition's MLP term of block `layer`."""
+    return neuron_effect_parts(model, images, layer).first_order
+
+
+def neuron_effect_parts(model, images: torch.Tensor, layer: int, *, per_head: bool = False,
+                        directions: Optional[torch.Tensor] = None) -> NeuronEffects:
+    """Second- and first-order effects (and, with `per_head`, the per-head parts) from one forward:
+    a `NeuronEffects` (second_order, first_order [b, W, d'], per_head, the embedding norms)."""
     tower = read_tower(model)
     layer = check_neuron_layer(tower, layer)
     with torch.no_grad():
@@ -241,7 +257,8 @@ def _effects(tower: Tower, images, layer: int, per_head: bool, directions) -> Ne
     return NeuronEffects(layer=layer, second_order=second, first_order=first, per_head=parts, norm=norm)
 
 
-__all__ = ["NeuronEffects", "check_neuron_layer", "neuron_directions", "neuron_effects"]
+__all__ = ["NeuronEffects", "check_neuron_layer", "first_order_effects", "neuron_directions", "neuron_effect_parts",
+           "neuron_effects"]
 
 
 def neuron_maps(model, images: torch.Tensor, layer: int, texts: torch.Tensor, neurons=None,

@@ -60,8 +60,7 @@ class NeuronAblationEvaluation(Evaluation):
         from ..neurons import neuron_effects
 
         x = torch.stack([e.value[2] for e in entries]).to(self.dev)
-        eff = neuron_effects(self.loaded.model, x, self.layer, directions=self.dirs)
-        s = eff.second_order.double().cpu()  # [b, W, d']
+        s = neuron_effects(self.loaded.model, x, self.layer, directions=self.dirs).double().cpu()  # [b, W, d']
         from ..decomposition import forward_image
 
         with torch.no_grad():
