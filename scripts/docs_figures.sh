@@ -30,6 +30,10 @@ cp abl/head_importance.png "$DOCS/head_importance_shapes.png"
 textspan segment-eval shapes --samples 1 -o seg -q
 cp seg/sample_00.png "$DOCS/segment_sample_shapes.png"
 cp atlas/heads/L3H4_maps.jpg "$DOCS/atlas_L3H4_maps.jpg"
+# the benchmark leaderboard of the README (every method, 200 images in the ImageNet-S layout; about 5 minutes)
+textspan shapes-world --n 200 --seed 77 --layout imagenet-s -o ins -q
+textspan benchmark ins -o bins -q > /dev/null
+cp bins/leaderboard.png "$DOCS/leaderboard_shapes_imagenet_s.png"
 BROWSER="$(command -v chromium || command -v chromium-browser || true)"
 if [ -n "$BROWSER" ]; then
     "$BROWSER" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,1000 \
