@@ -142,3 +142,28 @@ def test_neurons_method_is_the_published_segmentation_map(world, tmp_path):
     with pytest.raises(BadInputError, match="needs the option neurons"):
         textspan.explain(model, x, T, method="neurons")
     assert "neurons" not in textspan.list_methods() and "neurons" in textspan.list_methods(with_required=True)
+
+
+def test_neuron_heatmaps(world, tmp_path):
+    import torch
+
+    from textspan.neurons import neuron_maps
+
+    out = tmp_path / "n"
+    analyse_neurons(world, out, "shapes", layer=2, top_k=4, device="cpu")
+    paths = sorted(world.rglob("*.png"))[:2]
+    r = CliRunner().invoke(main, ["neuron-heatmap", *map(str, paths), "--neurons", str(out), "--ids", "3,9",
+                                  "-p", "a star", "-p", "a red object", "--quiet", "-o", str(tmp_path / "h")])
+    assert r.exit_code == 0, r.output
+    maps = np.load(tmp_path / "h" / "maps.npy")
+    assert maps.shape == (2, 2, 2, 8, 8)
+    assert (tmp_path / "h" / "neuron_3.png").is_file() and (tmp_path / "h" / "neuron_9.png").is_file()
+    # the figure's maps are `neuron_maps` at the patches
+    model, preprocess, tok = textspan.load_model("shapes")
+    x = torch.stack([preprocess(textspan.read_image(p)) for p in paths])
+    T = torch.from_numpy(textspan.text.encode_texts(model, tok, ["a star", "a red object"]))
+    want = neuron_maps(model, x, 2, T, neurons=[3, 9])[..., 1:].reshape(2, 2, 2, 8, 8)
+    np.testing.assert_allclose(maps, want.numpy(), rtol=1e-5, atol=1e-8)
+    r = CliRunner().invoke(main, ["neuron-heatmap", str(paths[0]), "--neurons", str(out), "--ids", "9999",
+                                  "-o", str(tmp_path / "h2")])
+    assert r.exit_code == 1 and "out of range" in r.output

@@ -64,7 +64,7 @@ from .image_jobs import (  # noqa: E402
 from .datasets import read_image  # noqa: E402
 from .neurons import (NeuronEffects, first_order_effects, neuron_directions, neuron_effect_parts,  # noqa: E402
                       neuron_effects)
-from .neuron_jobs import NeuronResult, ablate_neurons, analyse_neurons  # noqa: E402
+from .neuron_jobs import NeuronMaps, NeuronResult, ablate_neurons, analyse_neurons, draw_neuron_maps  # noqa: E402
 from .benchmark import (  # noqa: E402
     evaluate_deletion_insertion,
     evaluate_imagenet_s,
@@ -95,6 +95,6 @@ __all__ = [
     "Comparison", "HeatmapResult", "compare_methods", "draw_heatmaps", "evaluate_perturbation",
     "evaluate_segmentation", "evaluate_deletion_insertion", "evaluate_imagenet_s", "evaluate_points",
     "run_benchmark", "NeuronEffects", "neuron_directions", "neuron_effects", "first_order_effects",
-    "neuron_effect_parts", "NeuronResult", "ablate_neurons",
+    "neuron_effect_parts", "NeuronMaps", "draw_neuron_maps", "NeuronResult", "ablate_neurons",
     "analyse_neurons", "AtlasResult", "build_atlas",
 ]

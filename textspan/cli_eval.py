@@ -49,6 +49,24 @@ def neurons(images, model_name, pretrained, device, layer, bank, components, top
                f"{r.median_explained:.1%}; written to {output}")
 
 
+@main.command("neuron-heatmap")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--neurons", "neurons_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="a `textspan neurons` folder.")
+@click.option("--ids", default=None, help="neuron ids, comma-separated (default: the --top neurons by mean effect).")
+@click.option("--top", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompts", "-p", multiple=True, help="a text to project on (default: each neuron's own direction).")
+@cache_model_options
+@run_options
+def neuron_heatmap(images, neurons_dir, ids, top, prompts, model_name, pretrained, device, output, overwrite, quiet):
+    """Per-patch second-order effects of neurons on IMAGES -> neuron_N.png (images x directions), maps.npy."""
+    from .neuron_jobs import draw_neuron_maps
+
+    r = draw_neuron_maps(list(images), neurons_dir, output, neuron_ids=ids, prompts=prompts, model=model_name,
+                         pretrained=pretrained, top=top, device=device, overwrite=overwrite, quiet=quiet)
+    click.echo(f"maps of neurons {', '.join(map(str, r.neurons))} of block {r.layer} written to {output}")
+
+
 @main.command("neurons-ablate")
 @click.argument("neurons_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", type=click.Path(exists=True))

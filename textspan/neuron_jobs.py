@@ -341,3 +341,93 @@ def ablate_neurons(neurons, images, output=None, model=None, pretrained=None, *,
 
 
 __all__ += ["ablate_neurons"]
+
+
+@concise
+@dataclass
+class NeuronMaps:
+    """maps [b, n_neurons, k, grid_h, grid_w]: each neuron's second-order effect per source patch along each direction
+    (a prompt's text embedding, or the neuron's own principal direction), for the images; `neurons` the ids, `columns`
+    the directions' names."""
+
+    layer: int
+    neurons: List[int]
+    columns: List[str]
+    maps: np.ndarray
+
+
+@job
+def draw_neuron_maps(images, neurons, output=None, neuron_ids=None, prompts=(), model=None, pretrained=None, *,
+                     top: int = 4, device=None, overwrite: bool = False, quiet: bool = True) -> NeuronMaps:
+    """Heatmaps of neurons' second-order effects (`textspan.neurons.neuron_maps`) on image files, for the neurons of a
+    `textspan neurons` folder: `neuron_ids` (default: the `top` neurons by mean centred effect), along each prompt
+    (or, without prompts, along each neuron's own principal direction). Writes maps.npy and one figure per neuron
+    (images x directions, signed: red towards the direction; the panels of a row share a scale) given `output`."""
+    import torch
+
+    from . import engine
+    from .datasets import read_image
+    from .errors import ModelMismatchError
+    from .neurons import neuron_maps
+    from .store import read_json
+    from .text import encode_texts
+
+    folder = Path(neurons)
+    rec = read_json(folder / "run.json")
+    if not rec or rec.get("command") != "neurons":
+        raise BadInputError(f"{folder}: not a finished `textspan neurons` folder (no run.json of that command)")
+    loaded = resolve_model(model if model is not None else rec["arguments"]["model"],
+                           pretrained if model is not None else rec["arguments"].get("pretrained"), device)
+    if loaded.fingerprint != rec.get("model_fingerprint"):
+        raise ModelMismatchError(f"{folder} was made with other weights (fingerprint {rec.get('model_fingerprint')}, "
+                                 f"this model {loaded.fingerprint})")
+    layer = int(rec["arguments"]["layer"])
+    pca = np.load(folder / "pca.npy")
+    W = pca.shape[0]
+    if neuron_ids is None:
+        typical = np.nanmean(np.asarray(np.load(folder / "norms.npy", mmap_mode="r")), axis=0)
+        ids = [int(n) for n in np.argsort(-typical, kind="stable")[:top]]
+    else:
+        ids = [int(n) for n in (str(neuron_ids).split(",") if isinstance(neuron_ids, str) else neuron_ids)]
+        bad = [n for n in ids if not 0 <= n < W]
+        if bad:
+            raise BadInputError(f"neurons {bad} are out of range: block {layer}'s MLP has {W} (0 .. {W - 1})")
+    if not images:
+        raise BadInputError("no images given")
+    tower = engine.read_tower(loaded.model)
+    pil = [read_image(p) for p in images]
+    x = torch.stack([loaded.preprocess(im) for im in pil]).to(engine.model_device(loaded.model))
+    grid = tower.grid_of(x)
+    if prompts:
+        T = torch.from_numpy(encode_texts(loaded.model, loaded.tokenizer, list(prompts)))
+        m = neuron_maps(loaded.model, x, layer, T, neurons=ids)  # [b, n, k, N]
+        columns = list(prompts)
+    else:  # each neuron along its own direction
+        m = torch.stack([neuron_maps(loaded.model, x, layer, torch.from_numpy(pca[n])[None], neurons=[n])[:, 0]
+                         for n in ids], dim=1)  # [b, n, 1, N]
+        columns = ["its direction"]
+    maps = m[..., tower.n_prefix:].reshape(*m.shape[:3], *grid).float().cpu().numpy()
+    result = NeuronMaps(layer, ids, columns, maps)
+    if output is not None:
+        from .visualize import overlay_grid
+
+        settings = dict(fingerprint=loaded.fingerprint, neurons=str(folder.resolve()), ids=ids,
+                        prompts=list(prompts), images=[str(Path(p).resolve()) for p in images])
+        with RunFolder(output, "neuron-heatmap", settings, overwrite=overwrite) as run:
+            out = Path(output)
+            np.save(out / "maps.npy", maps)
+            shown = [im.resize((x.shape[-1], x.shape[-2])) for im in pil]
+            names = [Path(p).stem for p in images]
+            for k, n in enumerate(ids):
+                fig = overlay_grid(shown, maps[:, k], names, columns, out / f"neuron_{n}.png",
+                                   title=f"block {layer}, neuron {n}: second-order effect per source patch",
+                                   relative=True, bar_label="effect along the\ndirection (signed)")
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+            run.write_run_json(dict(images=[str(p) for p in images], neurons=str(neurons), ids=ids,
+                                    prompts=list(prompts)), model_fingerprint=loaded.fingerprint)
+    return result
+
+
+__all__ += ["NeuronMaps", "draw_neuron_maps"]

@@ -338,7 +338,7 @@ def map_grid_image(images, maps, relative: bool = True, cell: int = 160, pad: in
 
 
 def overlay_grid(images, maps, row_labels, col_labels, path=None, title: str = "", relative: bool = True,
-                 shared_scale=None, scale: str = "row"):
+                 shared_scale=None, scale: str = "row", bar_label=None):
     """A grid figure: one row per image, the original image first, then one column per map (maps [n, k, gh, gw],
     each column titled with its prompt or head). `scale`: "row" (default: the panels of a row, compared with each
     other, share one colour scale, with a colour bar per row), "grid" (one scale and colour bar for all) or "panel"
@@ -365,14 +365,14 @@ def overlay_grid(images, maps, row_labels, col_labels, path=None, title: str = "
             ax.imshow(overlay(images[i], maps[i, j], relative, scale=scales[i][j], min_size=224))
             ax.set_title(col_labels[j], fontsize=8)
             if scale == "panel":
-                _colourbar(fig, ax, maps[i, j], relative, mpl, scale=scales[i][j])
+                _colourbar(fig, ax, maps[i, j], relative, mpl, scale=scales[i][j], label=bar_label)
         if scale == "row":
-            _colourbar(fig, axes[i, 1:].tolist(), maps[i], relative, mpl, scale=scales[i][0])
+            _colourbar(fig, axes[i, 1:].tolist(), maps[i], relative, mpl, scale=scales[i][0], label=bar_label)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     if scale == "grid":
-        _colourbar(fig, axes.ravel().tolist(), maps, relative, mpl, scale=scales[0][0])
+        _colourbar(fig, axes.ravel().tolist(), maps, relative, mpl, scale=scales[0][0], label=bar_label)
     fig.suptitle((title + "\n" if title else "") + f"({SCALE_NOTES[scale]})", fontsize=10)
     return _save(fig, path, 110)
 
