@@ -313,11 +313,10 @@ def test_points_and_deletion_commands(layouts, tmp_path):
     assert r.exit_code == 1 and "multiple of every" in r.output
 
 
-@pytest.mark.slow
-def test_torchrun_evaluation_equals_one_process(layouts, tmp_path):
+def _one_and_two_ranks(common, tmp_path):
+    """Run a command in one process (into tmp_path/one) and under torchrun with 2 ranks (tmp_path/two), one thread
+    each (the same thread count makes CPU matmuls round alike); returns the torchrun run."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    common = ["imagenet-s-eval", str(layouts / "ins"), "--method", "decomposition", "--batch-size", "3",
-              "--device", "cpu", "--quiet"]
     one = subprocess.run([sys.executable, "-m", "textspan", *common, "-o", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
@@ -325,6 +324,13 @@ def test_torchrun_evaluation_equals_one_process(layouts, tmp_path):
                           "--module", "textspan", *common, "-o", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    return two
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_equals_one_process(layouts, tmp_path):
+    _one_and_two_ranks(["imagenet-s-eval", str(layouts / "ins"), "--method", "decomposition", "--batch-size", "3",
+                        "--device", "cpu", "--quiet"], tmp_path)
     assert (tmp_path / "two" / "imagenet_s.json").read_bytes() == (tmp_path / "one" / "imagenet_s.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").glob("*.rank*")) == [
         "imagenet_s_progress.json.rank0-of-2", "imagenet_s_progress.json.rank1-of-2"]
@@ -355,16 +361,8 @@ def test_imagenet_s_area_counts_leave_the_ignore_label_out():
 
 @pytest.mark.slow
 def test_torchrun_benchmark_equals_one_process(layouts, tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    common = ["benchmark", str(layouts / "oi"), "--methods", "decomposition,rollout", "--batch-size", "3",
-              "--device", "cpu", "--quiet"]
-    one = subprocess.run([sys.executable, "-m", "textspan", *common, "-o", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "--module", "textspan", *common, "-o", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = _one_and_two_ranks(["benchmark", str(layouts / "oi"), "--methods", "decomposition,rollout",
+                              "--batch-size", "3", "--device", "cpu", "--quiet"], tmp_path)
     assert two.stdout.count("leaderboard.md") == 1  # rank 0 prints
     for m in ("decomposition", "rollout"):
         assert (tmp_path / "two" / m / "points" / "points.json").read_bytes() == \

@@ -405,15 +405,9 @@ def _svg_bars(values: Sequence[float], labels: Sequence[str], width=520, height=
 
 def _neuron_folder(folder: Path, fingerprint: str) -> int:
     """The layer of a finished `textspan neurons` folder of the cache's model (refused otherwise)."""
-    from .store import read_json
+    from .store import read_finished_run
 
-    rec = read_json(folder / "run.json")
-    if not rec or rec.get("command") != "neurons":
-        raise BadInputError(f"{folder}: not a finished `textspan neurons` folder")
-    if rec.get("model_fingerprint") != fingerprint:
-        raise ModelMismatchError(f"{folder} was made with another model (fingerprint {rec.get('model_fingerprint')};"
-                                 f" the cache's is {fingerprint})")
-    return int(rec["arguments"]["layer"])
+    return int(read_finished_run(folder, "neurons", fingerprint)["arguments"]["layer"])
 
 
 def _write_neuron_page(out: Path, folder: Path, layer: int, top: int, model, pretrained, device, notify) -> None:

@@ -297,6 +297,19 @@ def _write_tables(out: Path, items, s2, mean, explained, texts, recon, failures)
 __all__ = ["NeuronResult", "analyse_neurons", "principal_directions", "sparse_decomposition", "text_dictionary"]
 
 
+def _folder_model(folder: Path, model, pretrained, device):
+    """(the model of a finished `textspan neurons` folder: the one given, else the one it records, refused when its
+    weights differ; the folder's run.json record)."""
+    from .store import read_finished_run
+
+    rec = read_finished_run(folder, "neurons")
+    args = rec["arguments"]
+    loaded = resolve_model(model if model is not None else args["model"],
+                           pretrained if model is not None else args.get("pretrained"), device)
+    read_finished_run(folder, "neurons", loaded.fingerprint)
+    return loaded, rec
+
+
 @job
 def ablate_neurons(neurons, images, output=None, model=None, pretrained=None, *, classes=None, templates=None,
                    classifier=None, batch_size: int = 16, device=None, overwrite: bool = False, quiet: bool = True,
@@ -308,20 +321,11 @@ def ablate_neurons(neurons, images, output=None, model=None, pretrained=None, *,
     from .datasets import ImageList, ImageListSource
     from .evals.neuron_ablation import NeuronAblationEvaluation
     from .evaluation import run_evaluation
-    from .errors import ModelMismatchError
     from .jobs import zero_shot_classifier
-    from .store import read_json
 
     folder = Path(neurons)
-    rec = read_json(folder / "run.json")
-    if not rec or rec.get("command") != "neurons":
-        raise BadInputError(f"{folder}: not a finished `textspan neurons` folder (no run.json of that command)")
+    loaded, rec = _folder_model(folder, model, pretrained, device)
     args = rec["arguments"]
-    loaded = resolve_model(model if model is not None else args["model"],
-                           pretrained if model is not None else args.get("pretrained"), device)
-    if loaded.fingerprint != rec.get("model_fingerprint"):
-        raise ModelMismatchError(f"{folder} was made with other weights (fingerprint {rec.get('model_fingerprint')}, "
-                                 f"this model {loaded.fingerprint})")
     items = images if isinstance(images, ImageList) else ImageList.from_path(images)
     W, classnames = zero_shot_classifier(loaded, classes, templates, classifier, default_classes=items.classes)
     labels = _class_labels(items, classnames)
@@ -367,20 +371,11 @@ def draw_neuron_maps(images, neurons, output=None, neuron_ids=None, prompts=(), 
 
     from . import engine
     from .datasets import read_image
-    from .errors import ModelMismatchError
     from .neurons import neuron_maps
-    from .store import read_json
     from .text import encode_texts
 
     folder = Path(neurons)
-    rec = read_json(folder / "run.json")
-    if not rec or rec.get("command") != "neurons":
-        raise BadInputError(f"{folder}: not a finished `textspan neurons` folder (no run.json of that command)")
-    loaded = resolve_model(model if model is not None else rec["arguments"]["model"],
-                           pretrained if model is not None else rec["arguments"].get("pretrained"), device)
-    if loaded.fingerprint != rec.get("model_fingerprint"):
-        raise ModelMismatchError(f"{folder} was made with other weights (fingerprint {rec.get('model_fingerprint')}, "
-                                 f"this model {loaded.fingerprint})")
+    loaded, rec = _folder_model(folder, model, pretrained, device)
     layer = int(rec["arguments"]["layer"])
     pca = np.load(folder / "pca.npy")
     W = pca.shape[0]

@@ -59,6 +59,22 @@ def read_json(path) -> Optional[dict]:
         raise BadInputError(f"{path}: unreadable JSON ({exc}); remove it or use --overwrite to start afresh") from exc
 
 
+def read_finished_run(folder, command: str, fingerprint: Optional[str] = None) -> dict:
+    """The run.json record of a finished `textspan COMMAND` folder; BadInputError naming the folder when it is not
+    one, and when `fingerprint` is given and the folder was made with other weights."""
+    folder = Path(folder)
+    record = read_json(folder / "run.json")
+    if not record or record.get("command") != command:
+        what = f"of `textspan {record.get('command')}`" if record else "none"
+        raise BadInputError(f"{folder}: not a finished `textspan {command}` folder (its run.json: {what})")
+    if fingerprint is not None and record.get("model_fingerprint") != fingerprint:
+        from .errors import ModelMismatchError
+
+        raise ModelMismatchError(f"{folder} was made with another model (fingerprint "
+                                 f"{record.get('model_fingerprint')}; this one is {fingerprint})")
+    return record
+
+
 def differences(old: dict, new: dict, keys=None) -> List[str]:
     """The settings (all of `new`'s keys, or `keys`) whose values differ, written 'key: folder has X, this run has Y'."""
     keys = list(new) if keys is None else list(keys)

@@ -6,7 +6,6 @@ For each prompt t, the neurons of the analysed MLP layers (one or more `textspan
 and thresholds at 0.5 without clipping (`segment-eval --method neurons --threshold 0.5 --no-clip`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 from . import register
 from ..errors import BadInputError
+from ..store import read_finished_run
 
 
 def load_neuron_folders(neurons):
@@ -22,13 +22,11 @@ def load_neuron_folders(neurons):
     out = []
     for f in folders:
         f = Path(str(f).strip())
+        rec = read_finished_run(f, "neurons")
         try:
-            rec = json.loads((f / "run.json").read_text())
             pca = np.load(f / "pca.npy")
         except (OSError, ValueError) as exc:
-            raise BadInputError(f"{f}: not a finished `textspan neurons` folder ({exc})") from exc
-        if rec.get("command") != "neurons":
-            raise BadInputError(f"{f}: not a `textspan neurons` folder (its run.json is of `{rec.get('command')}`)")
+            raise BadInputError(f"{f}/pca.npy: unreadable ({exc})") from exc
         out.append((int(rec["arguments"]["layer"]), pca, rec.get("model_fingerprint")))
     return out
 
