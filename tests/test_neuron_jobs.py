@@ -167,3 +167,43 @@ def test_neuron_heatmaps(world, tmp_path):
     r = CliRunner().invoke(main, ["neuron-heatmap", str(paths[0]), "--neurons", str(out), "--ids", "9999",
                                   "-o", str(tmp_path / "h2")])
     assert r.exit_code == 1 and "out of range" in r.output
+
+
+def test_neuron_ablation_equals_its_definition(world, tmp_path):
+    import torch
+
+    from textspan.decomposition import forward_image
+    from textspan.jobs import resolve_model, zero_shot_classifier
+
+    out = tmp_path / "n"
+    analyse_neurons(world, out, "shapes", layer=0, top_k=3, device="cpu")
+    res = ablate_neurons(out, world, None, device="cpu", batch_size=5)
+    loaded = resolve_model("shapes", None, "cpu")
+    items = textspan.datasets.ImageList.from_path(world)
+    W, names = zero_shot_classifier(loaded, None, None, default_classes=items.classes)
+    x = torch.stack([loaded.preprocess(textspan.read_image(p)) for p in items.paths])
+    y = torch.tensor([names.index(items.classes[lab]) for lab in items.labels])
+    s = textspan.neuron_effects(loaded.model, x, 0).double()
+    e = forward_image(loaded.model, x).double()
+    r = e / e.norm(dim=-1, keepdim=True)
+    mean = torch.from_numpy(np.load(out / "mean.npy")).double()
+    thr = torch.from_numpy(np.load(out / "threshold.npy")).double()
+    pca = torch.from_numpy(np.load(out / "pca.npy")).double()
+    c = s - mean
+    base = r - s.sum(1) + mean.sum(0)
+    sig = c.norm(dim=-1) > thr
+    reps = {"baseline": r, "without_all": base, "without_significant": base + (c * ~sig[..., None]).sum(1),
+            "without_insignificant": base + (c * sig[..., None]).sum(1),
+            "projected_on_pc": base + ((c * pca).sum(-1, keepdim=True) * pca).sum(1)}
+    Wt = torch.from_numpy(W).double()
+    for k, rep in reps.items():  # (mean and threshold stored as float32: predictions are far from ties here)
+        assert res["accuracy"][k] == pytest.approx(100.0 * float(((rep @ Wt).argmax(1) == y).float().mean())), k
+    assert sig.any() and (~sig).any()  # both sets of neurons are exercised
+    # the ablated embeddings themselves (accuracies alone would not tell the variants apart on this model)
+    from textspan.evals.neuron_ablation import NeuronAblationEvaluation
+
+    ev = NeuronAblationEvaluation(loaded, W, [0] * len(items), 0, mean.numpy(), thr.numpy(), pca.numpy())
+    got = ev.representations(x)
+    for k, rep in reps.items():
+        torch.testing.assert_close(got[k], rep, rtol=1e-6, atol=1e-8)
+    assert (got["without_significant"] - got["without_insignificant"]).abs().max() > 1e-6

@@ -54,25 +54,31 @@ class NeuronAblationEvaluation(Evaluation):
     def resume_message(self, position, total, state) -> str:
         return f"resuming at image {position} of {total} ({state['n']} done)"
 
-    def score(self, entries: List[Entry]) -> dict:
+    def representations(self, x) -> dict:
+        """{variant: [b, d'] the normalised embedding with the layer's effects ablated that way} (double)."""
         import torch
 
+        from ..decomposition import forward_image
         from ..neurons import neuron_effects
 
-        x = torch.stack([e.value[2] for e in entries]).to(self.dev)
         s = neuron_effects(self.loaded.model, x, self.layer, directions=self.dirs).double().cpu()  # [b, W, d']
-        from ..decomposition import forward_image
-
         with torch.no_grad():
             e = forward_image(self.loaded.model, x).double().cpu()
         r = e / e.norm(dim=-1, keepdim=True)
         c = s - self.mean[None]
         without = r - s.sum(1) + self.mean.sum(0)[None]
         sig = c.norm(dim=-1) > self.threshold[None]  # [b, W]
-        reps = {"baseline": r, "without_all": without,
+        return {"baseline": r, "without_all": without,
                 "without_significant": without + (c * (~sig)[..., None]).sum(1),
                 "without_insignificant": without + (c * sig[..., None]).sum(1),
-                "projected_on_pc": without + (torch.einsum("bnd,nd->bn", c, self.pca)[..., None] * self.pca[None]).sum(1)}
+                "projected_on_pc": without + (torch.einsum("bnd,nd->bn", c, self.pca)[..., None]
+                                              * self.pca[None]).sum(1)}
+
+    def score(self, entries: List[Entry]) -> dict:
+        import torch
+
+        x = torch.stack([e.value[2] for e in entries]).to(self.dev)
+        reps = self.representations(x)
         y = torch.tensor([self.labels[en.value[0]] for en in entries])
         W = self.W.double()
         return {"n": len(entries), "correct": {v: int(((reps[v] @ W).argmax(1) == y).sum()) for v in VARIANTS}}
