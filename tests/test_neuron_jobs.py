@@ -113,6 +113,8 @@ def test_neuron_ablation_through_the_cli(world, tmp_path):
     assert acc["baseline"] > 50  # the built-in model reads shapes
     direct = ablate_neurons(tmp_path / "n", world, None, device="cpu")
     assert direct["accuracy"] == acc
+    own = ablate_neurons(tmp_path / "n", device="cpu")  # the folder's own images and classes
+    assert own["accuracy"] == acc and own["n_images"] == 24
 
 
 def test_neurons_method_is_the_published_segmentation_map(world, tmp_path):

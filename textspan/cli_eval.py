@@ -69,15 +69,16 @@ def neuron_heatmap(images, neurons_dir, ids, top, prompts, model_name, pretraine
 
 @main.command("neurons-ablate")
 @click.argument("neurons_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("images", type=click.Path(exists=True))
+@click.argument("images", type=click.Path(exists=True), required=False)
 @cache_model_options
 @classifier_options
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @run_options
 def neurons_ablate(neurons_dir, images, model_name, pretrained, device, classifier, classes, templates, batch_size,
                    output, overwrite, quiet):
-    """Zero-shot accuracy on IMAGES with the neurons of NEURONS_DIR (from `textspan neurons`) mean-ablated: all,
-    the significant ones, the insignificant ones, or each reduced to its principal direction (resumable)."""
+    """Zero-shot accuracy on IMAGES (default: the images NEURONS_DIR was made from) with the neurons of NEURONS_DIR
+    (from `textspan neurons`) mean-ablated: all, the significant ones, the insignificant ones, or each reduced to its
+    principal direction (resumable)."""
     from .neuron_jobs import ablate_neurons
 
     r = ablate_neurons(neurons_dir, images, output, model_name, pretrained, classes=classes, templates=templates,

@@ -311,12 +311,14 @@ def _folder_model(folder: Path, model, pretrained, device):
 
 
 @job
-def ablate_neurons(neurons, images, output=None, model=None, pretrained=None, *, classes=None, templates=None,
+def ablate_neurons(neurons, images=None, output=None, model=None, pretrained=None, *, classes=None, templates=None,
                    classifier=None, batch_size: int = 16, device=None, overwrite: bool = False, quiet: bool = True,
                    notify: Notify = log.info) -> dict:
-    """Zero-shot accuracy on `images` (class sub-folders) with the second-order effects of the neurons analysed in
-    the `analyse_neurons` folder `neurons` mean-ablated (`textspan.evals.neuron_ablation`); model=None: the one
-    recorded in that folder (refused when its weights differ). Writes neuron_ablation.json."""
+    """Zero-shot accuracy on `images` (class sub-folders; None: the images the neurons folder was made from, on
+    their classes) with the second-order effects of the neurons analysed in the `analyse_neurons` folder `neurons`
+    mean-ablated (`textspan.evals.neuron_ablation`); model=None: the one recorded in that folder (refused when its
+    weights differ). Writes neuron_ablation.json. (compute_ablations.py takes its means from a training set and
+    measures on a validation set: pass other images for that.)"""
     from .benchmark import _class_labels
     from .datasets import ImageList, ImageListSource
     from .evals.neuron_ablation import NeuronAblationEvaluation
@@ -326,6 +328,8 @@ def ablate_neurons(neurons, images, output=None, model=None, pretrained=None, *,
     folder = Path(neurons)
     loaded, rec = _folder_model(folder, model, pretrained, device)
     args = rec["arguments"]
+    if images is None:
+        images = args["images"]
     items = images if isinstance(images, ImageList) else ImageList.from_path(images)
     W, classnames = zero_shot_classifier(loaded, classes, templates, classifier, default_classes=items.classes)
     labels = _class_labels(items, classnames)
