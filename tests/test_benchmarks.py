@@ -360,6 +360,18 @@ def test_imagenet_s_area_counts_leave_the_ignore_label_out():
 
 
 @pytest.mark.slow
+def test_torchrun_segment_eval_equals_one_process(tmp_path):
+    textspan.write_shapes_world(tmp_path / "w", 10, seed=12)
+    _one_and_two_ranks(["segment-eval", str(tmp_path / "w"), "--method", "rollout", "--samples", "5",
+                        "--batch-size", "3", "--device", "cpu", "--quiet"], tmp_path)
+    for name in ("segmentation.json", "per_image.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    # the samples are rank 0's, numbered as one process numbers them (rank 1 draws none over them)
+    assert sorted(p.name for p in (tmp_path / "two").glob("sample_*.png")) == \
+        sorted(p.name for p in (tmp_path / "one").glob("sample_*.png")) == [f"sample_{k:02d}.png" for k in range(5)]
+
+
+@pytest.mark.slow
 def test_torchrun_benchmark_equals_one_process(layouts, tmp_path):
     two = _one_and_two_ranks(["benchmark", str(layouts / "oi"), "--methods", "decomposition,rollout",
                               "--batch-size", "3", "--device", "cpu", "--quiet"], tmp_path)

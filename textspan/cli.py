@@ -8,8 +8,8 @@ import json
 import click
 
 from ._version import __version__
-from .cli_options import (OUTPUT, OVERWRITE, Group, cache_model_options, classifier_options, method_options,
-                          model_options, notify, options, quiet_option, reference_options, run_options)
+from .cli_options import (OUTPUT, OVERWRITE, Group, cache_model_options, classifier_options, distributed,
+                          method_options, model_options, notify, options, quiet_option, reference_options, run_options)
 
 
 def _method_options(method: str, items) -> dict:
@@ -337,10 +337,13 @@ def segment_eval(data, model_name, pretrained, device, classifier, classes, temp
     images with several objects) with an explainer's maps."""
     from .image_jobs import evaluate_segmentation
 
+    rank, device = distributed(device)  # sharded under torchrun
     res = evaluate_segmentation(data, output, model_name, pretrained, classes=classes, templates=templates,
                                 classifier=classifier, target=target, samples=samples, method=method,
                                 options=_method_options(method, method_option), batch_size=batch_size, device=device,
                                 threshold=threshold, clip=not no_clip, overwrite=overwrite, quiet=quiet, notify=notify)
+    if rank != 0:
+        return
     scored = "maps scored, one per object" if "by_objects" in res else "images"
     pointing = f"pointing {res['pointing']:.1f}%  " if res["pointing"] is not None else ""  # None: rows of old runs
     click.echo(f"pixel accuracy {res['pixel_accuracy']:.2f}%  mIoU {res['miou']:.2f}%  mAP {res['map']:.2f}%  "
@@ -362,10 +365,13 @@ def perturb_eval(images, model_name, pretrained, device, classifier, classes, te
     """Positive/negative perturbation test of an explainer -> perturbation.json/.csv/.png (resumable)."""
     from .image_jobs import evaluate_perturbation
 
+    rank, device = distributed(device)  # sharded under torchrun
     r = evaluate_perturbation(images, output, model_name, pretrained, classes=classes, templates=templates,
                               classifier=classifier, method=method, options=_method_options(method, method_option),
                               limit=limit, seed=seed, batch_size=batch_size, device=device, overwrite=overwrite, quiet=quiet,
                               notify=notify)
+    if rank != 0:
+        return
     click.echo(f"{method}: positive AUC {r['positive_auc']:.2f} (lower is better), negative AUC "
                f"{r['negative_auc']:.2f} (higher is better); {r['n_images']} images, {len(r['failures'])} failed")
 

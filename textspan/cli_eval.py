@@ -7,16 +7,8 @@ from pathlib import Path
 import click
 
 from .cli import _method_options, main
-from .cli_options import cache_model_options, classifier_options, method_options, model_options, notify, run_options
-
-
-def _distributed(device):
-    """(rank, device for this rank): torch.distributed initialised when launched by torchrun."""
-    from .cache import init_distributed
-    from .jobs import default_device
-
-    _, rank, device = init_distributed(device or default_device())
-    return rank, device
+from .cli_options import (cache_model_options, classifier_options, distributed, method_options, model_options, notify,
+                          run_options)
 
 
 _THRESHOLD = click.option("--threshold", default="0.5", show_default=True,
@@ -112,7 +104,7 @@ def deletion_eval(images, model_name, pretrained, device, classifier, classes, t
     sharded under torchrun)."""
     from .benchmark import evaluate_deletion_insertion
 
-    rank, device = _distributed(device)
+    rank, device = distributed(device)
     r = evaluate_deletion_insertion(images, output, model_name, pretrained, classes=classes, templates=templates,
                                     classifier=classifier, method=method,
                                     options=_method_options(method, method_option), target=target, steps=steps,
@@ -143,7 +135,7 @@ def imagenet_s_eval(data, model_name, pretrained, device, categories, templates,
     torchrun)."""
     from .benchmark import evaluate_imagenet_s
 
-    rank, device = _distributed(device)
+    rank, device = distributed(device)
     r = evaluate_imagenet_s(data, output, model_name, pretrained, categories=categories, templates=templates,
                             method=method, options=_method_options(method, method_option), target=target,
                             threshold=threshold, limit=limit, batch_size=batch_size, device=device,
@@ -167,7 +159,7 @@ def points_eval(data, model_name, pretrained, device, templates, method, method_
     """p-mIoU of an explainer on OpenImages-V7 point labels -> points.json (resumable; sharded under torchrun)."""
     from .benchmark import evaluate_points
 
-    rank, device = _distributed(device)
+    rank, device = distributed(device)
     r = evaluate_points(data, output, model_name, pretrained, templates=templates, method=method,
                         options=_method_options(method, method_option), threshold=threshold, limit=limit,
                         batch_size=batch_size, device=device, overwrite=overwrite, quiet=quiet, notify=notify)
@@ -196,7 +188,7 @@ def benchmark(data, methods, evaluations, model_name, pretrained, device, classe
     """Every method x every evaluation DATA supports, one resumable folder each -> leaderboard.csv/.md/.png."""
     from .benchmark import run_benchmark
 
-    rank, device = _distributed(device)
+    rank, device = distributed(device)
     r = run_benchmark(data, output, model_name, pretrained, methods=methods, evaluations=evaluations,
                       classes=classes, templates=templates, limit=limit, seed=seed, batch_size=batch_size,
                       device=device, overwrite=overwrite, quiet=quiet, notify=notify)

@@ -111,3 +111,12 @@ method_options = options(
                  help="the explainer whose maps are evaluated (textspan.list_methods())."),
     click.option("--option", "method_option", multiple=True, metavar="KEY=VALUE",
                  help="an option of the method (repeatable), e.g. layers=all, single_head=true, heads=L3H1."))
+
+
+def distributed(device):
+    """(rank, device for this rank): torch.distributed initialised when launched by torchrun."""
+    from .cache import init_distributed
+    from .jobs import default_device
+
+    _, rank, device = init_distributed(device or default_device())
+    return rank, device

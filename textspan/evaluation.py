@@ -75,6 +75,10 @@ class Evaluation:
     def begin(self, state: dict) -> None:
         """Called with the saved state before the first batch of a range (e.g. to number figures on)."""
 
+    def without_side_outputs(self) -> None:
+        """Stop writing files while scoring (figures): called on every rank but 0 under torchrun, whose ranges would
+        otherwise number their figures from 0 again."""
+
     def score(self, entries: List[Entry]) -> dict:
         raise NotImplementedError
 
@@ -204,6 +208,8 @@ def _run_sharded(ev: Evaluation, source: Source, output, settings: dict, *, batc
         raise kind(error[0][1])
     try:
         start, stop = shard_bounds(len(source), batch_size, world, rank)
+        if rank != 0:
+            ev.without_side_outputs()
         name = f"{ev.progress_name}.rank{rank}-of-{world}"
         mine = RunFolder(out, ev.command, dict(settings, shard=[start, stop]), overwrite=overwrite,
                          progress_name=name)  # not entered: rank 0's lock covers the folder

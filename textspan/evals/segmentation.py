@@ -130,6 +130,9 @@ class SegmentationEvaluation(Evaluation):
         self.drawn += drawn
         return {"rows": rows, "samples": drawn, "failures": failures}
 
+    def without_side_outputs(self) -> None:
+        self.out = None
+
     def begin(self, state) -> None:  # figures are numbered across batches and resumed runs
         self.drawn = state["samples"]
 
