@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .errors import BadInputError, job
+from .evals._maps import check_threshold
 from .jobs import Notify, resolve_model, zero_shot_classifier
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def evaluate_imagenet_s(data, output=None, model="shapes", pretrained=None, *, c
     if target not in ("true", "predicted"):
         raise BadInputError(f"target must be 'true' or 'predicted'; got {target!r}")
     options = dict(options or {})
-    threshold = _threshold(threshold)
+    threshold = check_threshold(threshold)
     loaded = resolve_model(model, pretrained, device)
     ds = ImageNetS(data, categories)
     src = _Limited(ds, limit)
@@ -141,7 +142,7 @@ def evaluate_points(data, output=None, model="shapes", pretrained=None, *, templ
     from .openimages import OpenImagesPoints
 
     options = dict(options or {})
-    threshold = _threshold(threshold)
+    threshold = check_threshold(threshold)
     loaded = resolve_model(model, pretrained, device)
     ds = OpenImagesPoints(data)
     src = _Limited(ds, limit)
@@ -161,18 +162,6 @@ def evaluate_points(data, output=None, model="shapes", pretrained=None, *, templ
     if output is not None and _world()[1] == 0:  # rank 0 writes under torchrun
         (Path(output) / "points.json").write_text(json.dumps(res, indent=1))
     return res
-
-
-def _threshold(t):
-    if t == "mean":
-        return t
-    try:
-        t = float(t)
-    except (TypeError, ValueError):
-        raise BadInputError(f"threshold must be a number in [0, 1) or 'mean'; got {t!r}") from None
-    if not 0 <= t < 1:
-        raise BadInputError(f"threshold must be in [0, 1) (the map is min-max normalised); got {t}")
-    return t
 
 
 class _Limited:

@@ -346,9 +346,9 @@ def evaluate_segmentation(data, output=None, model="shapes", pretrained=None, *,
     if target == "true" and source.is_mat:
         raise BadInputError("target='true' (--target true) needs class sub-folders (folder data); the .mat file has "
                             "no labels")
-    from .benchmark import _threshold
+    from .evals._maps import check_threshold
 
-    threshold = _threshold(threshold)
+    threshold = check_threshold(threshold)
     protocol = {} if threshold == "mean" and clip else dict(threshold=threshold, clip=bool(clip))
     settings = _eval_settings(loaded, method, options, W, classnames, data=source.identity, target=target,
                               **protocol)

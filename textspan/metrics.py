@@ -50,13 +50,20 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum((recall - prev) * precision))
 
 
+def above(m, threshold="mean") -> np.ndarray:
+    """The prediction of a normalised map: above its own mean ("mean", the ImageNet-segmentation protocol) or above a
+    fixed value."""
+    m = np.asarray(m, dtype=np.float64)
+    return m > (m.mean() if threshold == "mean" else float(threshold))
+
+
 def segmentation_row(m, gt, threshold="mean") -> dict:
     """One image's part of `segmentation_scores`: its scores (percent) and the pixel counts the dataset-level
     scores sum (correct_pixels, pixels, intersection_/union_ background and foreground). The prediction is the map
     above its mean (`threshold="mean"`, the protocol) or above a fixed value in [0, 1)."""
     m = np.asarray(m, dtype=np.float64)
     gt = np.asarray(gt, dtype=bool)
-    pred = m > (m.mean() if threshold == "mean" else float(threshold))
+    pred = above(m, threshold)
     row = {"correct_pixels": int((pred == gt).sum()), "pixels": int(gt.size)}
     for name, p, g in (("background", ~pred, ~gt), ("foreground", pred, gt)):
         row[f"intersection_{name}"] = int((p & g).sum())

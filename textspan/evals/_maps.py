@@ -8,33 +8,63 @@ import numpy as np
 
 
 def pair_maps(loaded, x, T, pairs: Sequence[Tuple[int, int]], method: str, options: dict):
-    """[len(pairs), H, W] maps upsampled to the preprocessed frame for (image row of x, class column of T) pairs:
-    the decomposition's class map minus its mean over all classes, every other method's map as
-    `textspan.explain_eval.target_maps` gives it."""
-    import torch
-
+    """[len(pairs), gh, gw] maps on the patch grid for (image row of x, class column of T) pairs: each method's map
+    of the class as `textspan.explain_eval.target_maps` gives it (the decomposition's: its class map minus its mean
+    over all classes)."""
     from .. import explain_eval
     from ..errors import BadInputError
-    from ..visualize import upsample
 
-    if not pairs:
-        return torch.zeros(0, *x.shape[-2:])
     rows = [k for k, _ in pairs]
     try:
         maps = explain_eval.target_maps(loaded.model, x[rows], T, [c for _, c in pairs], method, **options)
     except TypeError as exc:
         raise BadInputError(f"method {method!r}: {exc}") from exc
-    return upsample(maps.detach().float().cpu(), x.shape[-2:])
+    return maps.detach()
+
+
+def logits_and_maps(loaded, x, T, method: str, options: dict):
+    """(zero-shot logits [b, C] of the normalised embeddings, `maps(pairs)` -> [len(pairs), gh, gw] as `pair_maps`).
+    The decomposition without options gets both from one projection of every class (the same maps as
+    `pair_maps`, tested); every other method needs a forward for the logits and then its own maps."""
+    import torch
+
+    from .. import engine
+
+    if method == "decomposition" and not options:
+        from ..decomposition import project
+        from ..heatmaps import patch_maps
+
+        p = project(loaded.model, x, T)
+        rel = patch_maps(p, engine.read_tower(loaded.model).grid_size, relative=False)  # [b, C, g, g]
+        return p.total(), lambda pairs: torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c in pairs])
+    with torch.no_grad():
+        e = engine.library_image_embedding(loaded.model, x)
+    logits = torch.nn.functional.normalize(e, dim=-1) @ T.t().to(x.dtype)
+    return logits, lambda pairs: pair_maps(loaded, x, T, pairs, method, options)
+
+
+def check_threshold(t):
+    """A binarisation threshold as given by a user: "mean", or a number in [0, 1) (the map is min-max normalised);
+    BadInputError otherwise."""
+    from ..errors import BadInputError
+
+    if t == "mean":
+        return t
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        raise BadInputError(f"threshold must be a number in [0, 1) or 'mean'; got {t!r}") from None
+    if not 0 <= t < 1:
+        raise BadInputError(f"threshold must be in [0, 1) (the map is min-max normalised); got {t}")
+    return t
 
 
 def binarise(m: np.ndarray, threshold) -> np.ndarray:
-    """The map min-max normalised to [0, 1] (all zeros when flat), then > `threshold` (a number, or "mean": above
-    the normalised map's mean, the ImageNet-segmentation protocol's rule)."""
-    m = np.asarray(m, dtype=np.float64)
-    lo, hi = m.min(), m.max()
-    n = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    t = n.mean() if threshold == "mean" else float(threshold)
-    return n > t
+    """The map min-max normalised to [0, 1] without clipping (`textspan.metrics.normalise_map`), then above
+    `threshold` (`textspan.metrics.above`)."""
+    from .. import metrics
+
+    return metrics.above(metrics.normalise_map(m, clip=False), threshold)
 
 
 def frame_axes(to_mask, size) -> Tuple[np.ndarray, np.ndarray]:

@@ -72,29 +72,15 @@ class ImageNetSEvaluation(Evaluation):
     def score(self, entries: List[Entry]) -> dict:
         import torch
 
-        from .. import engine
-        from ._maps import binarise, ids_in_frame, pair_maps
+        from ..visualize import upsample
+        from ._maps import binarise, ids_in_frame, logits_and_maps
 
         x = torch.stack([self.loaded.preprocess(e.value[0]) for e in entries]).to(self.dev)
         true = [e.value[2] - 1 for e in entries]  # class columns (id - 1)
-        if self.method == "decomposition" and not self.options:
-            # one forward gives the maps of every class and the zero-shot logits (as segment-eval does)
-            from ..decomposition import project
-            from ..heatmaps import patch_maps
-            from ..visualize import upsample
-
-            p = project(self.loaded.model, x, self.T)
-            pred = p.total().argmax(1)
-            rel = patch_maps(p, engine.read_tower(self.loaded.model).grid_size, relative=False)  # [b, C, g, g]
-            cols = true if self.target == "true" else pred.tolist()
-            own = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c in enumerate(cols)])
-            maps = upsample(own.detach().float().cpu(), x.shape[-2:]).numpy()
-        else:
-            with torch.no_grad():
-                emb = engine.library_image_embedding(self.loaded.model, x).float()
-                pred = (torch.nn.functional.normalize(emb, dim=-1) @ self.T.t().float().to(emb.device)).argmax(1)
-            cols = true if self.target == "true" else pred.tolist()
-            maps = pair_maps(self.loaded, x, self.T, list(enumerate(cols)), self.method, self.options).numpy()
+        logits, maps_of = logits_and_maps(self.loaded, x, self.T, self.method, self.options)
+        pred = logits.argmax(1)
+        cols = true if self.target == "true" else pred.tolist()
+        maps = upsample(maps_of(list(enumerate(cols))).float().cpu(), x.shape[-2:]).numpy()
         acc = {k: np.zeros(self.n + 1, np.int64) for k in ("tp", "pred", "true")}
         for e, c, m in zip(entries, cols, maps):
             gt = ids_in_frame(self.to_mask, e.value[1])

@@ -61,6 +61,7 @@ class PointsEvaluation(Evaluation):
     def score(self, entries: List[Entry]) -> dict:
         import torch
 
+        from ..visualize import upsample
         from ._maps import binarise, frame_axes, pair_maps, point_in_frame
 
         x = torch.stack([self.loaded.preprocess(e.value[0]) for e in entries]).to(self.dev)
@@ -70,7 +71,8 @@ class PointsEvaluation(Evaluation):
             if unknown:
                 failures.append({"item": e.name, "error": f"classes {unknown[:3]} are not among the classifier's"})
             pairs += [(k, self.index[c]) for c in sorted(e.value[1]) if c in self.index]
-        maps = pair_maps(self.loaded, x, self.T, pairs, self.method, self.options).numpy()
+        maps = upsample(pair_maps(self.loaded, x, self.T, pairs, self.method, self.options).float().cpu(),
+                        x.shape[-2:]).numpy() if pairs else []
         counts: dict = {}
         points = cropped = 0
         axes = {}

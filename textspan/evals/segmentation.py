@@ -32,7 +32,6 @@ class SegmentationEvaluation(Evaluation):
         self.loaded, self.method, self.options, self.target = loaded, method, dict(options or {}), target
         self.classnames = list(classnames)
         self.T = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))
-        self.grid = engine.read_tower(loaded.model).grid_size
         self.dev = engine.model_device(loaded.model)
         self.samples, self.out = samples, out
         self.threshold, self.clip = threshold, clip
@@ -64,11 +63,9 @@ class SegmentationEvaluation(Evaluation):
     def score(self, entries: List[Entry]) -> dict:
         import torch
 
-        from .. import engine, explain_eval, metrics
-        from ..decomposition import project
-        from ..errors import BadInputError
-        from ..heatmaps import patch_maps
+        from .. import metrics
         from ..visualize import sample_figure, upsample
+        from ._maps import logits_and_maps
 
         pending = []
         for e in entries:
@@ -77,15 +74,8 @@ class SegmentationEvaluation(Evaluation):
             pending.append((e.name, im, aligned))
         failures, rows = [], []
         x = torch.stack([self.loaded.preprocess(im) for _, im, _ in pending]).to(self.dev)
-        fast = self.method == "decomposition" and not self.options
-        T, names = self.T, self.classnames
-        if fast:
-            p = project(self.loaded.model, x, T)  # one forward gives the maps and the zero-shot logits
-            rel = patch_maps(p, self.grid, relative=False)  # [b, C, g, g]
-            logits = p.total()  # (e / ||e||) @ W
-        else:
-            e = engine.library_image_embedding(self.loaded.model, x).detach()
-            logits = torch.nn.functional.normalize(e, dim=-1) @ T.t().to(x.dtype)
+        names = self.classnames
+        logits, maps_of = logits_and_maps(self.loaded, x, self.T, self.method, self.options)
         chosen = []  # (pending index, class index, mask, item name, objects in the image)
         for k, (name, im, mask) in enumerate(pending):
             if isinstance(mask, dict):  # one mask per object: each object's class is explained and scored
@@ -105,15 +95,7 @@ class SegmentationEvaluation(Evaluation):
                 chosen.append((k, int(logits[k].argmax()), mask, name, 1))
         if not chosen:
             return {"rows": [], "samples": 0, "failures": failures}
-        if fast:
-            class_maps = torch.stack([rel[k, c] - rel[k].mean(dim=0) for k, c, *_ in chosen])
-        else:
-            picked = [k for k, *_ in chosen]
-            try:
-                class_maps = explain_eval.target_maps(self.loaded.model, x[picked], T, [c for _, c, *_ in chosen],
-                                                      self.method, **self.options)
-            except TypeError as exc:
-                raise BadInputError(f"method {self.method!r}: {exc}") from exc
+        class_maps = maps_of([(k, c) for k, c, *_ in chosen])
         drawn = 0
         for (k, c, mask, item, n_objects), m in zip(chosen, class_maps):
             im = pending[k][1]
