@@ -415,9 +415,9 @@ def _write_neuron_page(out: Path, folder: Path, layer: int, top: int, model, pre
     import csv as _csv
 
     (out / "neurons").mkdir(exist_ok=True)
-    norms = np.load(folder / "norms.npy", mmap_mode="r")
-    typical = np.nanmean(np.asarray(norms), axis=0)  # [W]
-    order = np.argsort(-typical, kind="stable")[:top]
+    from .neuron_jobs import strongest_neurons
+
+    order, typical = strongest_neurons(folder, top)
     explained = np.load(folder / "explained.npy")
     texts = json.loads((folder / "decomposition.json").read_text()) if (folder / "decomposition.json").is_file() \
         else {}

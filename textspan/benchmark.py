@@ -149,19 +149,14 @@ def evaluate_points(data, output=None, model="shapes", pretrained=None, *, templ
     W, classnames = zero_shot_classifier(loaded, ds.classes, templates, classifier)
     if W.shape[1] != len(ds.classes):
         raise BadInputError(f"classifier has {W.shape[1]} columns; {ds.points_file} names {len(ds.classes)} classes")
-    ev = PointsEvaluation(loaded, W, classnames, method=method, options=options, threshold=threshold)
+    ev = PointsEvaluation(loaded, W, classnames, method=method, options=options, threshold=threshold,
+                          notes=ds.notes)
     settings = _eval_settings(loaded, method, options, W, classnames, data=ds.identity, n_images=len(src),
                               threshold=threshold)
-    res = run_evaluation(ev, src, output, settings, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
-                         notify=notify, fingerprint=loaded.fingerprint,
-                         arguments=dict(data=str(data), model=loaded.name, pretrained=loaded.pretrained,
-                                        method=method, options=options, threshold=threshold, limit=limit))
-    res["notes"] = list(ds.notes)
-    from .cache import _world
-
-    if output is not None and _world()[1] == 0:  # rank 0 writes under torchrun
-        (Path(output) / "points.json").write_text(json.dumps(res, indent=1))
-    return res
+    return run_evaluation(ev, src, output, settings, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
+                          notify=notify, fingerprint=loaded.fingerprint,
+                          arguments=dict(data=str(data), model=loaded.name, pretrained=loaded.pretrained,
+                                         method=method, options=options, threshold=threshold, limit=limit))
 
 
 class _Limited:
@@ -209,8 +204,8 @@ def dataset_kind(data) -> str:
                         f"gtsegs_ijcv.mat, images/ + masks/, or class sub-folders)")
 
 
-def _run_one(evaluation: str, data, out: Path, loaded, method: str, *, classes, templates, limit, batch_size,
-             overwrite, quiet, notify, seed) -> dict:
+def _run_one(evaluation: str, data, kind: str, out: Path, loaded, method: str, *, classes, templates, limit,
+             batch_size, overwrite, quiet, notify, seed) -> dict:
     from .image_jobs import evaluate_perturbation, evaluate_segmentation
 
     common = dict(method=method, batch_size=batch_size, overwrite=overwrite, quiet=quiet, notify=notify)
@@ -221,7 +216,7 @@ def _run_one(evaluation: str, data, out: Path, loaded, method: str, *, classes, 
                                      **common)
     if evaluation == "deletion_insertion":
         src = data
-        if dataset_kind(data) == "imagenet-s":
+        if kind == "imagenet-s":
             from .imagenet import find_subset
 
             src = find_subset(data) / "validation"
@@ -276,7 +271,7 @@ def run_benchmark(data, output, model="shapes", pretrained=None, *, methods="all
             row: Dict = {"method": m}
             for e in evals:
                 t0 = time.perf_counter()
-                r = _run_one(e, data, out / m / e, loaded, m, classes=classes, templates=templates, limit=limit,
+                r = _run_one(e, data, kind, out / m / e, loaded, m, classes=classes, templates=templates, limit=limit,
                              batch_size=batch_size, overwrite=overwrite, quiet=quiet, notify=notify, seed=seed)
                 results.setdefault(m, {})[e] = r
                 n = r.get("n_images") or 1

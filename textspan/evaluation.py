@@ -178,20 +178,14 @@ def _score_range(ev: Evaluation, source: Source, start: int, stop: int, batch_si
     if batch:
         flush(batch[-1].index + 1)
     bar.close()
-    if run is not None and position == stop and stop > start:
-        run.save_progress(progress)
     return state, failures
-
-
-def shard_bounds(n: int, batch_size: int, world: int, rank: int):
-    from .cache import shard_bounds as bounds
-
-    return bounds(n, batch_size, world, rank)
 
 
 def _run_sharded(ev: Evaluation, source: Source, output, settings: dict, *, batch_size, overwrite, quiet, notify,
                  arguments, fingerprint, world: int, rank: int) -> dict:
     import torch.distributed as dist
+
+    from .cache import shard_bounds
 
     out = Path(output)
     folder = RunFolder(out, ev.command, settings, overwrite=overwrite, progress_name=ev.progress_name)
@@ -237,4 +231,4 @@ def _run_sharded(ev: Evaluation, source: Source, output, settings: dict, *, batc
             folder.__exit__(None, None, None)
 
 
-__all__ = ["Entry", "Evaluation", "Source", "run_evaluation", "shard_bounds"]
+__all__ = ["Entry", "Evaluation", "Source", "run_evaluation"]

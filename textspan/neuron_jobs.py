@@ -267,6 +267,13 @@ def analyse_neurons(images, output, model="shapes", pretrained=None, *, layer: i
                         texts=texts, reconstruction=recon)
 
 
+def strongest_neurons(folder, top: int):
+    """(the `top` neurons of an `analyse_neurons` folder by mean centred effect norm over its images, strongest first
+    (ties in neuron order), the mean norm of every neuron [W])."""
+    typical = np.nanmean(np.asarray(np.load(Path(folder) / "norms.npy", mmap_mode="r")), axis=0)
+    return [int(n) for n in np.argsort(-typical, kind="stable")[:top]], typical
+
+
 def _write_tables(out: Path, items, s2, mean, explained, texts, recon, failures) -> None:
     W = mean.shape[0]
     with open(out / "images.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
@@ -294,7 +301,8 @@ def _write_tables(out: Path, items, s2, mean, explained, texts, recon, failures)
         (out / "decomposition.json").write_text(json.dumps({str(k): v for k, v in texts.items()}, indent=0))
 
 
-__all__ = ["NeuronResult", "analyse_neurons", "principal_directions", "sparse_decomposition", "text_dictionary"]
+__all__ = ["NeuronResult", "analyse_neurons", "principal_directions", "sparse_decomposition", "strongest_neurons",
+           "text_dictionary"]
 
 
 def _folder_model(folder: Path, model, pretrained, device):
@@ -384,8 +392,7 @@ def draw_neuron_maps(images, neurons, output=None, neuron_ids=None, prompts=(), 
     pca = np.load(folder / "pca.npy")
     W = pca.shape[0]
     if neuron_ids is None:
-        typical = np.nanmean(np.asarray(np.load(folder / "norms.npy", mmap_mode="r")), axis=0)
-        ids = [int(n) for n in np.argsort(-typical, kind="stable")[:top]]
+        ids, _ = strongest_neurons(folder, top)
     else:
         ids = [int(n) for n in (str(neuron_ids).split(",") if isinstance(neuron_ids, str) else neuron_ids)]
         bad = [n for n in ids if not 0 <= n < W]

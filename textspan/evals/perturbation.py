@@ -79,7 +79,6 @@ class PerturbationEvaluation(Evaluation):
         acc = {k: 100.0 * np.asarray(v, np.int64) / n for k, v in state["counts"].items()}
         steps = [{"fraction": f, "positive_accuracy": float(acc["positive"][i]),
                   "negative_accuracy": float(acc["negative"][i])} for i, f in enumerate(self.fractions)]
-        self.acc = acc
         return {"method": self.method, "options": self.options, "n_images": n,
                 "target": "class folder" if self.labels is not None else "unperturbed prediction",
                 "positive_auc": explain_eval.area_under(self.fractions, acc["positive"]),
@@ -95,4 +94,5 @@ class PerturbationEvaluation(Evaluation):
             w = csv.DictWriter(f, fieldnames=list(steps[0]))
             w.writeheader()
             w.writerows(steps)
-        perturbation_plot(out / "perturbation.png", self.fractions, self.acc, self.method)
+        acc = {k: [s[f"{k}_accuracy"] for s in steps] for k in ("positive", "negative")}
+        perturbation_plot(out / "perturbation.png", self.fractions, acc, self.method)

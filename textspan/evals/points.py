@@ -32,7 +32,8 @@ class PointsEvaluation(Evaluation):
     description = "point labels"
 
     def __init__(self, loaded, W: np.ndarray, classnames: Sequence[str], *, method: str = "decomposition",
-                 options: Optional[dict] = None, threshold=0.5):
+                 options: Optional[dict] = None, threshold=0.5, notes: Sequence[str] = ()):
+        """`notes`: what the reader left out (points outside the image, unnamed MIDs, ...), kept in the results."""
         import torch
 
         from .. import engine, segmentation as seg
@@ -43,6 +44,7 @@ class PointsEvaluation(Evaluation):
         self.T = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))
         self.dev = engine.model_device(loaded.model)
         self.to_mask = seg.mask_transform(loaded.preprocess)
+        self.notes = list(notes)
 
     def fresh(self) -> dict:
         return {"counts": {}, "images": 0, "points": 0, "cropped_out": 0}
@@ -106,7 +108,8 @@ class PointsEvaluation(Evaluation):
                 "n_images": state["images"], "n_points": state["points"],
                 "points_cropped_out": state["cropped_out"], "n_classes": len(r["per_class"]),
                 "threshold": self.threshold, "per_class_iou": r["per_class"],
-                "per_class_counts": {c: dict(zip(("tp", "fp", "fn", "tn"), v)) for c, v in state["counts"].items()}}
+                "per_class_counts": {c: dict(zip(("tp", "fp", "fn", "tn"), v)) for c, v in state["counts"].items()},
+                "notes": self.notes}
 
     def write(self, out: Path, results: dict, state: dict) -> None:
         (out / "points.json").write_text(json.dumps(results, indent=1))
