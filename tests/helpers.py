@@ -94,3 +94,14 @@ def save_shapes_checkpoint(folder, seed: int = 1):
     (folder / "config.json").write_text(json.dumps({"config": builtin.default_config(tok.vocab_size),
                                                     "vocab": tok.words}))
     return folder / "last.pt", model.eval()
+
+
+def encode_with_hooks(model, x, handles):
+    """open_clip's own `encode_image(x)` (no grad) with the hook `handles` already registered on its modules; the
+    hooks are removed afterwards, also when the forward raises. Returns the embedding."""
+    try:
+        with torch.no_grad():
+            return model.encode_image(x)
+    finally:
+        for h in handles:
+            h.remove()

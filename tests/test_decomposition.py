@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_images, tiny_clip
+from helpers import encode_with_hooks, random_images, tiny_clip
 from textspan import UnsupportedModelError, decompose, forward_image
 
 VARIANTS = {
@@ -86,13 +86,7 @@ def _capture_stock(model, x):
         handles.append(blk.attn.register_forward_hook(
             lambda m, a, o: seen["attn_out"].append((o[0] if isinstance(o, tuple) else o).detach())))
     handles.append(visual.transformer.register_forward_hook(lambda m, a, o: seen.__setitem__("final", o.detach())))
-    try:
-        with torch.no_grad():
-            e = model.encode_image(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return e, seen
+    return encode_with_hooks(model, x, handles), seen
 
 
 def _slow_reference(model, x):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import textspan
 from families import randomise_eva, tiny_eva
+from helpers import encode_with_hooks
 from textspan import UnsupportedModelError, decompose, forward_image
 from textspan.methods import explain, list_methods
 
@@ -26,13 +27,7 @@ def _encode_capturing(model, x, modules):
     forward, hooks removed afterwards."""
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, k=k: seen.__setitem__(k, (i[0], o))) for k, m in modules.items()]
-    try:
-        with torch.no_grad():
-            e = model.encode_image(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return e, seen
+    return encode_with_hooks(model, x, hooks), seen
 
 
 def _ln_post_offset(trunk, d):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import encode_with_hooks
 import textspan
 from textspan.cli import main
 from textspan.errors import BadInputError, TextspanError
@@ -131,10 +132,8 @@ def test_neurons_method_is_the_published_segmentation_map(world, tmp_path):
     # the definition: the post-GELU of block 1 (recorded by a hook on the stock module), averaged over the 7 neurons
     # whose principal direction has the largest |p . t|, at the patch tokens
     seen = []
-    handle = model.visual.transformer.resblocks[1].mlp.gelu.register_forward_hook(lambda m, i, o: seen.append(o))
-    with torch.no_grad():
-        model.encode_image(x)
-    handle.remove()
+    encode_with_hooks(model, x, [model.visual.transformer.resblocks[1].mlp.gelu.register_forward_hook(
+        lambda m, i, o: seen.append(o))])
     post = seen[0]  # [b, N, W] (batch first)
     pca = torch.from_numpy(np.load(out / "pca.npy"))
     for k in range(2):
